@@ -491,3 +491,725 @@ def cca_step_loss(policy, reference, tokens, labels, loss="cca", beta=0.1, lam=1
         ref = sequence_logprob(reference(both_tokens, both_labels), both_tokens)
     B = len(tokens)
     return LOSSES[loss](logp[:B], logp[B:], ref[:B], ref[B:], beta=beta, lam=lam, neg_as_pos=flags)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Training stages. Each returns a checkpoint dict; `run_stage` caches it under --out, atomically.
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temporary file, then rename, so a kill at any moment leaves the last good file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu", stage="all"):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is unreadable (truncated or corrupted? {type(e).__name__}): delete it or pass "
+                        f"--retrain {stage}")
+
+
+def check_config(path, saved, wanted, stage):
+    diff = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
+            if saved.get(k) != wanted.get(k)]
+    if diff:
+        raise UserError(f"{path} was made with other settings ({'; '.join(diff)}): pass --retrain {stage} to "
+                        f"redo it, or use another --out")
+
+
+def batch_indices(n, batch_size, step, seed):
+    """The rows of batch `step`: a fresh permutation each epoch, a pure function of (seed, step) so that a
+    resumed run sees exactly the batches an uninterrupted one would."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_loop(name, partial, config, model, optimizer, num_steps, lr_at, batch_loss, args, device):
+    """Run optimizer steps start..num_steps with a progress bar. Saves `partial` (weights, optimizer, step,
+    history) every --save-every steps and on Ctrl-C; --resume continues from it. Every step reseeds the RNG
+    from (seed, step), so a resumed run ends with the same weights as an uninterrupted one (on CPU).
+    batch_loss(step) -> (loss, stats dict). Returns the history of losses and stats."""
+    start, history = 0, []
+    if os.path.exists(partial):
+        if args.resume:
+            state = load_checkpoint(partial, device, name)
+            check_config(partial, state["config"], config, name)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, history = state["step"], state["history"]
+            print(f"[{name}] resuming from step {start}/{num_steps} ({partial})")
+        else:
+            print(f"[{name}] note: {partial} holds an interrupted run; pass --resume to continue it. Starting over.")
+
+    def save(step):
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "history": history, "config": config}, partial)
+
+    done, updating = start, False
+    bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=name, dynamic_ncols=True)
+    try:
+        for step in bar:
+            torch.manual_seed(args.seed * 1_000_003 + step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            with autocast(device):
+                loss, stats = batch_loss(step)
+            if not torch.isfinite(loss):
+                kept = partial if os.path.exists(partial) else "no partial checkpoint yet"
+                raise UserError(f"[{name}] non-finite loss at step {step}; stopped, last good checkpoint kept "
+                                f"({kept}). Try a lower learning rate.")
+            updating = True
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            updating, done = False, step + 1
+            history.append({"step": step, "loss": loss.item(), **stats})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in history[-1].items() if k != "step"}, refresh=False)
+            if args.save_every and done % args.save_every == 0 and done < num_steps:
+                save(done)
+    except KeyboardInterrupt:
+        bar.close()
+        if not updating and done > start:
+            save(done)
+        raise UserError(f"[{name}] interrupted; progress up to the last save is in {partial}: rerun the same "
+                        f"command with --resume to continue")
+    bar.close()
+    return history
+
+
+def adamw(model, lr, weight_decay):
+    """AdamW with decay on matrices only (nanoGPT), betas (0.9, 0.95) as in LlamaGen and the CCA paper."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest,
+                              "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def cosine_lr(base, steps, warmup_frac=0.05, floor=0.1):
+    warmup = max(int(steps * warmup_frac), 1)
+    return lambda s: base * min((s + 1) / warmup, floor + (1 - floor) * 0.5 * (1 + math.cos(
+        math.pi * min(max(s - warmup, 0) / max(steps - warmup, 1), 1.0))))
+
+
+def train_tokenizer(data, P, args, device, partial, config):
+    X = to_float(data["x_train"])                                                  # (N, C, H, W), on CPU
+    model = VQTokenizer(VQConfig(X.size(1), P["vq_hidden"], P["codebook_size"], P["code_dim"])).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=P["vq_lr"])
+
+    def batch_loss(step):
+        x = X[batch_indices(len(X), P["vq_batch"], step, args.seed)].to(device)
+        if step % 100 == 0:  # step 0: data-driven codebook init; later: restart the codes this batch left unused
+            with torch.no_grad():
+                z_e = model.encoder(x)
+                unused = torch.bincount(model.quantize(z_e).flatten(), minlength=P["codebook_size"]) == 0
+                model.restart_codes(z_e, torch.ones_like(unused) if step == 0 else unused)
+        recon, vq_loss, indices, _ = model(x)
+        mse = F.mse_loss(recon.float(), x)
+        return mse + vq_loss, {"mse": mse.item(), "usage": codebook_stats(indices, P["codebook_size"])[0]}
+
+    history = train_loop("tokenizer", partial, config, model, opt, P["vq_steps"], lambda s: P["vq_lr"],
+                         batch_loss, args, device)
+    return {"model": model.state_dict(), "vq_config": asdict(model.config), "history": history}
+
+
+@torch.no_grad()
+def tokenizer_report(tokenizer, x_uint8, device, batch=1000):
+    """Test-set reconstruction MSE and PSNR (images in [0, 1]), codebook usage and perplexity."""
+    mse, codes = 0.0, []
+    for i in range(0, len(x_uint8), batch):
+        x = to_float(x_uint8[i:i + batch]).to(device)
+        idx = tokenizer.encode(x)
+        mse += F.mse_loss(tokenizer.decode(idx), x, reduction="sum").item()
+        codes.append(idx.cpu())
+    mse /= x_uint8[:, :, :, :].size
+    usage, perplexity = codebook_stats(torch.cat(codes), tokenizer.config.codebook_size)
+    return {"mse": mse, "psnr": 10 * math.log10(1 / max(mse, 1e-12)), "usage": usage, "perplexity": perplexity}
+
+
+@torch.no_grad()
+def encode_all(tokenizer, x_uint8, device, batch=1000):
+    """uint8 images (N, H, W, C) -> int16 token grids (N, h*w), raster order; computed once per tokenizer."""
+    out = [tokenizer.encode(to_float(x_uint8[i:i + batch]).to(device)).flatten(1).short().cpu()
+           for i in range(0, len(x_uint8), batch)]
+    return torch.cat(out)
+
+
+def train_gpt(tokens, labels, num_classes, P, args, device, partial, config):
+    gpt_config = GPTConfig(P["codebook_size"], num_classes, tokens.size(1), P["n_layer"], P["n_head"],
+                           P["n_embd"], P["dropout"])
+    model = GPT(gpt_config).to(device)
+    opt = adamw(model, P["lr"], 0.05)
+    B = min(P["batch_size"], len(tokens))
+
+    def batch_loss(step):
+        idx = batch_indices(len(tokens), B, step, args.seed)
+        x, y = tokens[idx].long().to(device), labels[idx].to(device)               # (B, N), (B,)
+        y = torch.where(torch.rand(len(y), device=device) < P["cond_dropout"], num_classes, y)  # null class
+        logits = model(x, y)                                                         # (B, N, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), x.flatten()), {}
+
+    history = train_loop("pretrain", partial, config, model, opt, P["steps"], cosine_lr(P["lr"], P["steps"]),
+                         batch_loss, args, device)
+    return {"model": model.state_dict(), "gpt_config": asdict(gpt_config), "history": history}
+
+
+@torch.no_grad()
+def bits_per_token(model, tokens, labels, device, batch=500):
+    """Mean negative log-likelihood per token, in bits, with the true classes (no dropout)."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(tokens), batch):
+        x, y = tokens[i:i + batch].long().to(device), labels[i:i + batch].to(device)
+        total -= sequence_logprob(model(x, y), x).sum().item()
+    return total / tokens.numel() / math.log(2)
+
+
+def finetune_cca(base, tokens, labels, P, args, device, partial, config):
+    """CCA (or a baseline): the policy starts from the pretrained weights, the reference is a frozen copy;
+    dropout is off in both (eval mode) so that every gap is exactly 0 at step 0."""
+    policy, reference = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
+    reference.requires_grad_(False)
+    opt = adamw(policy, P["cca_lr"], 0.05)
+    B = min(P["batch_size"], len(tokens))
+    steps = max(math.ceil(P["cca_epochs"] * len(tokens) / B), 1)
+
+    def batch_loss(step):
+        idx = batch_indices(len(tokens), B, step, args.seed + 1)
+        x, y = tokens[idx].long().to(device), labels[idx].to(device)
+        return cca_step_loss(policy, reference, x, y, P["loss"], P["beta"], P["lam"], P["uncond_ratio"],
+                             P["collisions"])
+
+    history = train_loop("cca", partial, config, policy, opt, steps, lambda s: P["cca_lr"], batch_loss, args,
+                         device)
+    return {"model": policy.state_dict(), "gpt_config": asdict(policy.config), "history": history}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Evaluation: a small classifier is the judge (Inception is neither downloadable here nor suited to 28x28)
+
+class Classifier(nn.Module):
+    """A small CNN; its 128-d penultimate features play Inception's role for FID and precision/recall."""
+
+    def __init__(self, channels, num_classes, width=32):
+        super().__init__()
+        w = width
+
+        def conv(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        self.features = nn.Sequential(*conv(channels, w), *conv(w, w), nn.MaxPool2d(2), *conv(w, 2 * w),
+                                      *conv(2 * w, 2 * w), nn.MaxPool2d(2), *conv(2 * w, 4 * w),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, 128), nn.ReLU())
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_classifier(data, P, args, device, partial, config):
+    X, Y = to_float(data["x_train"]), torch.from_numpy(data["y_train"])
+    model = Classifier(X.size(1), len(data["classes"]), P["clf_width"]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
+    B = min(128, len(X))
+    steps = max(math.ceil(P["clf_epochs"] * len(X) / B), 1)
+
+    def batch_loss(step):
+        idx = batch_indices(len(X), B, step, args.seed + 2)
+        x, y = X[idx].to(device), Y[idx].to(device)
+        if x.size(1) == 3:  # RGB: random crops (pad 4) and flips; digits must not be flipped
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+            dx, dy = torch.randint(-4, 5, (2,)).tolist()
+            x = F.pad(x, (4, 4, 4, 4), mode="reflect")[:, :, 4 + dy:4 + dy + X.size(2), 4 + dx:4 + dx + X.size(3)]
+        loss = F.cross_entropy(model(x).float(), y)
+        return loss, {}
+
+    model.train()
+    history = train_loop("classifier", partial, config, model, opt, steps, cosine_lr(2e-3, steps), batch_loss,
+                         args, device)
+    model.eval()
+    return {"model": model.state_dict(), "history": history,
+            "test_accuracy": classify(model, data["x_test"], device)[1].argmax(1).eq(
+                torch.from_numpy(data["y_test"])).float().mean().item()}
+
+
+@torch.no_grad()
+def classify(classifier, images, device, batch=500):
+    """uint8 NHWC numpy or float (B, C, H, W) tensor -> (features (B, 128), probabilities (B, K)), on CPU."""
+    classifier.eval()
+    feats, probs = [], []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        x = (to_float(x) if isinstance(x, np.ndarray) else x).to(device)
+        f = classifier.features(x)
+        feats.append(f.float().cpu())
+        probs.append(F.softmax(classifier.head(f).float(), -1).cpu())
+    return torch.cat(feats), torch.cat(probs)
+
+
+def fid_from_features(a, b):
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D): |mu_a - mu_b|^2 +
+    tr(Sa + Sb - 2 (Sa Sb)^1/2), with tr (Sa Sb)^1/2 = sum sqrt(eig(Sa^1/2 Sb Sa^1/2)) (symmetric, stable)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    evals, evecs = torch.linalg.eigh(cov_a)
+    sqrt_a = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def inception_score(probs):
+    """exp E_x KL(p(y|x) || p(y)): K for confident, balanced predictions; 1 when every sample gets one class."""
+    p = probs.double().clamp(min=1e-12)
+    return math.exp((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean().item())
+
+
+def precision_recall(real, fake, k=3):
+    """k-NN precision and recall (Kynkäänniemi et al., 2019): a sample is 'covered' when it lies within the
+    distance from some point of the other set to that point's k-th nearest neighbour in its own set."""
+    def radii(x):
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values                   # +1: skip the point itself
+    r_real, r_fake = radii(real), radii(fake)
+    d = torch.cdist(fake, real)                                                   # (Nf, Nr)
+    precision = (d <= r_real[None]).any(1).float().mean().item()
+    recall = (d.T <= r_fake[None]).any(1).float().mean().item()
+    return precision, recall
+
+
+def evaluate(images, labels, classifier, real_features, device, k=3):
+    """Score generated images (float (B, C, H, W) in [0, 1], or uint8 NHWC) made for `labels` (B,): conditional
+    accuracy, FID against `real_features` (the test set), classifier IS, and k-NN precision/recall against an
+    equally large random subset of the real features."""
+    feats, probs = classify(classifier, images, device)
+    labels = torch.as_tensor(labels).cpu()
+    subset = real_features[torch.randperm(len(real_features), generator=torch.Generator().manual_seed(0))
+                           [:len(feats)]]
+    precision, recall = precision_recall(subset, feats, k)
+    return {"accuracy": probs.argmax(1).eq(labels).float().mean().item(),
+            "fid": fid_from_features(feats, real_features), "is": inception_score(probs),
+            "precision": precision, "recall": recall}
+
+
+def balanced_labels(n, num_classes, device="cpu"):
+    return torch.arange(n, device=device) % num_classes
+
+
+def sample_images(model, tokenizer, labels, cfg_scale, grid, P, device, seed, batch=500):
+    """Images (B, C, H, W) for `labels`, with token grids of shape `grid` (h, w), generated in batches of
+    `batch` with one seeded generator; returns (images, seconds per image)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    images, t0 = [], time.perf_counter()
+    for i in range(0, len(labels), batch):
+        with autocast(device):
+            tokens = generate(model, labels[i:i + batch], cfg_scale, P["temperature"], P["top_k"], P["top_p"],
+                              generator=gen)
+        images.append(tokenizer.decode(tokens.view(len(tokens), *grid)).float())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return torch.cat(images), (time.perf_counter() - t0) / len(labels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. The pipeline and the command line
+
+PRESETS = {  # steps are optimizer steps; epochs are passes over the training set
+    "micro": dict(vq_hidden=16, codebook_size=32, code_dim=8, vq_steps=40, vq_batch=64, vq_lr=2e-3,
+                  n_layer=1, n_head=2, n_embd=32, dropout=0.0, steps=40, batch_size=32, lr=3e-3,
+                  cca_epochs=0.05, cca_lr=1e-3, clf_width=8, clf_epochs=0.1, eval_samples=100,
+                  samples_per_class=4, sweep_cfg=[1.0, 2.0], sweep_lam=[1.0, 10.0]),
+    "cpu": dict(vq_hidden=64, codebook_size=256, code_dim=32, vq_steps=800, vq_batch=128, vq_lr=2e-3,
+                n_layer=4, n_head=4, n_embd=128, dropout=0.0, steps=800, batch_size=64, lr=2e-3,
+                cca_epochs=1.0, cca_lr=2e-4, clf_width=32, clf_epochs=2.0, eval_samples=1000,
+                samples_per_class=10, sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0],
+                sweep_lam=[1.0, 3.0, 10.0, 30.0, 100.0]),
+    "gpu": dict(vq_hidden=128, codebook_size=512, code_dim=32, vq_steps=8000, vq_batch=256, vq_lr=1e-3,
+                n_layer=8, n_head=8, n_embd=384, dropout=0.1, steps=20000, batch_size=256, lr=6e-4,
+                cca_epochs=1.0, cca_lr=6e-5, clf_width=64, clf_epochs=30.0, eval_samples=5000,
+                samples_per_class=10, sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0],
+                sweep_lam=[1.0, 3.0, 10.0, 30.0, 100.0]),
+}
+COMMON = dict(cond_dropout=0.1, cfg=1.5, temperature=1.0, top_k=None, top_p=None, loss="cca", beta=0.1,
+              lam=10.0, uncond_ratio=0.1, collisions="positive")
+REDO = {"tokenizer": ["tokenizer", "tokens", "pretrain", "cca"], "pretrain": ["pretrain", "cca"],
+        "cca": ["cca"], "classifier": ["classifier"], "all": ["tokenizer", "tokens", "pretrain", "cca", "classifier"]}
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here (use --device auto or cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple's MPS backend is not available here (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def settings(args, device):
+    """The preset (cpu on a CPU, gpu otherwise, unless --preset) overridden by every flag given."""
+    P = {**COMMON, **PRESETS[args.preset or ("cpu" if device.type == "cpu" else "gpu")]}
+    P.update({k: v for k, v in vars(args).items() if k in P and v is not None})
+    checks = [("beta", P["beta"] > 0, "> 0"), ("lam", P["lam"] >= 0, ">= 0"),
+              ("uncond-ratio", 0 <= P["uncond_ratio"] < 1, "in [0, 1)"), ("cfg", P["cfg"] >= 0, ">= 0"),
+              ("temperature", P["temperature"] >= 0, ">= 0"),
+              ("top-p", P["top_p"] is None or 0 < P["top_p"] <= 1, "in (0, 1]"),
+              ("top-k", P["top_k"] is None or P["top_k"] >= 1, ">= 1"),
+              ("cond-dropout", 0 <= P["cond_dropout"] < 1, "in [0, 1)")]
+    checks += [(k.replace("_", "-"), P[k] > 0, "> 0") for k in ("batch_size", "steps", "vq_steps", "cca_epochs",
+               "clf_epochs", "eval_samples", "samples_per_class", "lr", "cca_lr", "n_layer", "n_embd")]
+    checks += [("n-embd", P["n_embd"] % P["n_head"] == 0, "a multiple of --n-head")]
+    for flag, ok, what in checks:
+        if not ok:
+            raise UserError(f"--{flag} must be {what}, got {P[flag.replace('-', '_')]}")
+    return P
+
+
+def fingerprint(data, source):
+    import hashlib
+    h = hashlib.md5(data["x_train"][::97].tobytes() + data["y_train"].tobytes() + data["x_test"][::97].tobytes())
+    return f"{source}:{len(data['x_train'])}+{len(data['x_test'])}x{'x'.join(map(str, data['x_train'].shape[1:]))}" \
+           f":{h.hexdigest()[:10]}"
+
+
+def run_stage(name, path, config, build, args, device):
+    """Load the checkpoint at `path` if it was made with `config`, else build it (build(partial_path) -> dict)."""
+    if os.path.exists(path) and name not in args.redo:
+        ckpt = load_checkpoint(path, device, name)
+        check_config(path, ckpt.get("config", {}), config, name)
+        print(f"[{name}] up to date: {path}")
+        return ckpt
+    torch.manual_seed(args.seed)
+    ckpt = build(path + ".partial")
+    ckpt.update(config=config, id=os.urandom(4).hex())  # downstream stages record this id
+    save_checkpoint(ckpt, path)
+    if os.path.exists(path + ".partial"):
+        os.remove(path + ".partial")
+    print(f"[{name}] saved {path}")
+    return ckpt
+
+
+def load_gpt(ckpt, device):
+    model = GPT(GPTConfig(**ckpt["gpt_config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def save_grid(images, nrow, path):
+    import torchvision.utils
+    torchvision.utils.save_image(images.float().cpu(), path, nrow=nrow, padding=1, pad_value=0.5)
+
+
+def save_panels(panels, nrow, path, title=""):
+    """Several image grids side by side, each titled: {title: images (B, C, H, W)}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torchvision.utils
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, imgs) in zip(axes[0], panels.items()):
+        grid = torchvision.utils.make_grid(imgs.float().cpu(), nrow=nrow, padding=1, pad_value=0.5)
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cca_name(P):
+    return f"cca_{P['loss']}_b{P['beta']:g}_l{P['lam']:g}_e{P['cca_epochs']:g}"
+
+
+def print_table(rows, path=None):
+    cols = ["accuracy", "fid", "is", "precision", "recall", "sec_per_image"]
+    lines = [f"{'setting':<28}" + "".join(f"{c:>14}" for c in cols)]
+    for name, r in rows.items():
+        lines.append(f"{name:<28}" + "".join(f"{r[c]:>14.4g}" if r.get(c) is not None else f"{'-':>14}"
+                                               for c in cols))
+    print("\n".join(lines))
+
+
+def run(args):
+    device = pick_device(args.device)
+    if args.pretrained and args.dataset not in (None, "tiny"):
+        raise UserError("--pretrained uses the checkpoints shipped in tiny_data/, made on the default dataset: "
+                        "drop --dataset")
+    if args.pretrained and args.preset is None:
+        args.preset = "cpu"  # the reference checkpoints were made with the cpu preset
+    P = settings(args, device)
+    data = load_dataset(args.dataset, args.data_root)
+    name = "tiny" if args.dataset in (None, "tiny") else os.path.splitext(os.path.basename(args.dataset))[0]
+    out = args.out or os.path.join("runs", name)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as e:
+        raise UserError(f"--out {out} is not a writable folder ({e.strerror})")
+    if args.pretrained:
+        import shutil
+        for f in sorted(os.listdir(PRETRAINED)):
+            if not os.path.exists(os.path.join(out, f)):
+                shutil.copy(os.path.join(PRETRAINED, f), os.path.join(out, f))
+    K, (H, W, C) = len(data["classes"]), data["x_train"].shape[1:]
+    grid = (H // 4, W // 4)
+    print(f"minicca: {name}: {len(data['x_train'])} train / {len(data['x_test'])} test images {H}x{W}x{C}, "
+          f"{K} classes; device {device}; preset {args.preset or ('cpu' if device.type == 'cpu' else 'gpu')}; "
+          f"out {out}")
+    if device.type == "cpu" and P["n_embd"] >= 384:
+        warn_estimate(P, grid, K, device)
+    data_id = fingerprint(data, name)
+    path = lambda f: os.path.join(out, f)  # noqa: E731
+
+    # 1. tokenizer
+    vq_keys = ["vq_hidden", "codebook_size", "code_dim", "vq_steps", "vq_batch", "vq_lr"]
+    tk = run_stage("tokenizer", path("tokenizer.pt"), {"data": data_id, "seed": args.seed,
+                   **{k: P[k] for k in vq_keys}}, lambda partial: train_tokenizer(
+                   data, P, args, device, partial, {"data": data_id, "seed": args.seed,
+                                                    **{k: P[k] for k in vq_keys}}), args, device)
+    tokenizer = VQTokenizer(VQConfig(**tk["vq_config"])).to(device).eval()
+    tokenizer.load_state_dict(tk["model"])
+    rep = tokenizer_report(tokenizer, data["x_test"], device)
+    print(f"[tokenizer] test MSE {rep['mse']:.4f}, PSNR {rep['psnr']:.1f} dB, codebook usage {rep['usage']:.0%}, "
+          f"perplexity {rep['perplexity']:.0f} of {P['codebook_size']}")
+    x = to_float(data["x_test"][:16]).to(device)
+    save_grid(torch.cat([x, tokenizer.decode(tokenizer.encode(x))]), 16, path("tokenizer_recon.png"))
+
+    # 2. token cache: the GPT never touches pixels again
+    tok = run_stage("tokens", path("tokens.pt"), {"tokenizer": tk["id"]}, lambda _: {
+        "train": encode_all(tokenizer, data["x_train"], device),
+        "test": encode_all(tokenizer, data["x_test"], device)}, args, device)
+    y_train, y_test = torch.from_numpy(data["y_train"]), torch.from_numpy(data["y_test"])
+
+    # 3. pretraining with condition dropout
+    gpt_keys = ["n_layer", "n_head", "n_embd", "dropout", "steps", "batch_size", "lr", "cond_dropout"]
+    gpt_cfg = {"tokenizer": tk["id"], "seed": args.seed, **{k: P[k] for k in gpt_keys}}
+    gk = run_stage("pretrain", path("gpt.pt"), gpt_cfg, lambda partial: train_gpt(
+        tok["train"], y_train, K, P, args, device, partial, gpt_cfg), args, device)
+    base = load_gpt(gk, device)
+    print(f"[pretrain] {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters; bits/token: "
+          f"train {bits_per_token(base, tok['train'][:len(tok['test'])], y_train[:len(tok['test'])], device):.3f}, "
+          f"val {bits_per_token(base, tok['test'], y_test, device):.3f}")
+
+    # 4. samples, guidance-free and with CFG
+    n = P["samples_per_class"]
+    labels = torch.arange(K, device=device).repeat_interleave(n)
+    panels = {"base, no guidance": sample_images(base, tokenizer, labels, 1.0, grid, P, device, args.seed)[0],
+              f"base, CFG {P['cfg']:g}": sample_images(base, tokenizer, labels, P["cfg"], grid, P, device,
+                                                       args.seed)[0]}
+    for (title, images), file in zip(panels.items(), ["samples_base.png", f"samples_base_cfg{P['cfg']:g}.png"]):
+        save_grid(images, n, path(file))
+        print(f"[samples] {title}: {path(file)} (a row per class)")
+
+    # 5. CCA fine-tuning
+    models = {"base": base}
+    if args.cca:
+        cca_ckpt = stage_cca(P, gk, tok, y_train, args, device, path)
+        models["cca"] = load_gpt(cca_ckpt, device)
+        panels[f"CCA ({P['loss']}), no guidance"] = sample_images(models["cca"], tokenizer, labels, 1.0, grid, P,
+                                                                  device, args.seed)[0]
+        panels[f"CCA ({P['loss']}), CFG {P['cfg']:g}"] = sample_images(models["cca"], tokenizer, labels, P["cfg"],
+                                                                       grid, P, device, args.seed)[0]
+        save_panels(panels, n, path(f"compare_{cca_name(P)}.png"), f"β={P['beta']:g}, λ={P['lam']:g}, rows: classes")
+        print(f"[cca] comparison: {path(f'compare_{cca_name(P)}.png')}")
+
+    # 6. evaluation
+    if args.eval or args.sweep:
+        clf_cfg = {"data": data_id, "seed": args.seed, "clf_width": P["clf_width"], "clf_epochs": P["clf_epochs"]}
+        ck = run_stage("classifier", path("classifier.pt"), clf_cfg, lambda partial: train_classifier(
+            data, P, args, device, partial, clf_cfg), args, device)
+        clf = Classifier(C, K, P["clf_width"]).to(device)
+        clf.load_state_dict(ck["model"])
+        clf.eval()
+        print(f"[classifier] test accuracy {ck['test_accuracy']:.2%}")
+        judge = Judge(clf, data, tokenizer, grid, P, device, args.seed)
+    if args.eval:
+        rows = {"real (train images)": judge.real_floor()}
+        for mname, model in models.items():
+            rows[f"{mname}, no guidance"] = judge(model, 1.0)
+            rows[f"{mname}, CFG {P['cfg']:g}"] = judge(model, P["cfg"])
+        print(f"\n[eval] {P['eval_samples']} samples per row, balanced over classes, seed {args.seed}; FID/IS/"
+              f"precision/recall in the classifier's features, against the {len(data['x_test'])} test images")
+        print_table(rows)
+        with open(path("metrics.json"), "w") as f:
+            json.dump({"rows": rows, "settings": P, "seed": args.seed, "device": str(device),
+                       "classifier_accuracy": ck["test_accuracy"], "tokenizer": rep}, f, indent=1)
+        print(f"[eval] wrote {path('metrics.json')}")
+    if args.sweep:
+        run_sweep(judge, base, P, gk, tok, y_train, args, device, path)
+
+
+def stage_cca(P, gk, tok, y_train, args, device, path):
+    cca_keys = ["loss", "beta", "lam", "cca_epochs", "cca_lr", "uncond_ratio", "collisions"]
+    cfg = {"base": gk["id"], "seed": args.seed, **{k: P[k] for k in cca_keys}}
+    base = load_gpt(gk, device)
+    return run_stage("cca", path(cca_name(P) + ".pt"), cfg, lambda partial: finetune_cca(
+        base, tok["train"], y_train, P, args, device, partial, cfg), args, device)
+
+
+class Judge:
+    """Generates `eval_samples` balanced, seeded samples for a model and scores them with `evaluate`."""
+
+    def __init__(self, classifier, data, tokenizer, grid, P, device, seed):
+        self.clf, self.data, self.tok, self.grid, self.P, self.device, self.seed = \
+            classifier, data, tokenizer, grid, P, device, seed
+        self.real = classify(classifier, data["x_test"], device)[0]
+        self.labels = balanced_labels(P["eval_samples"], len(data["classes"]), device)
+
+    def __call__(self, model, cfg_scale):
+        images, sec = sample_images(model, self.tok, self.labels, cfg_scale, self.grid, self.P, self.device,
+                                    self.seed)
+        return {**evaluate(images, self.labels, self.clf, self.real, self.device), "sec_per_image": sec}
+
+    def real_floor(self):
+        """Real training images, scored like samples: the best any generator can hope for at this count."""
+        n, y = self.P["eval_samples"], self.data["y_train"]
+        g = np.random.default_rng(self.seed)
+        per = [g.permutation(np.flatnonzero(y == c))[:math.ceil(n / len(self.data["classes"]))]
+               for c in range(len(self.data["classes"]))]
+        idx = np.stack([p[i] for i in range(len(per[0])) for p in per if i < len(p)])[:n]
+        return {**evaluate(self.data["x_train"][idx], y[idx], self.clf, self.real, self.device),
+                "sec_per_image": None}
+
+
+def run_sweep(judge, base, P, gk, tok, y_train, args, device, path):
+    """The paper's Fig. 4 at our scale: CFG scale on the base model versus λ over CCA fine-tunes."""
+    res = {"cfg": [], "lam": [], "settings": P, "seed": args.seed}
+    for w in P["sweep_cfg"]:
+        res["cfg"].append({"cfg": w, **judge(base, w)})
+        print(f"[sweep] base CFG {w:g}: " + ", ".join(f"{k} {v:.3g}" for k, v in res["cfg"][-1].items()))
+    for lam in P["sweep_lam"]:
+        Q = {**P, "lam": lam}
+        res["lam"].append({"lam": lam, **judge(load_gpt(stage_cca(Q, gk, tok, y_train, args, device, path),
+                                                          device), 1.0)})
+        print(f"[sweep] CCA λ {lam:g}: " + ", ".join(f"{k} {v:.3g}" for k, v in res["lam"][-1].items()))
+    with open(path("sweep.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    plot_sweep(res, path("sweep.png"))
+    print(f"[sweep] wrote {path('sweep.json')} and {path('sweep.png')}")
+    return res
+
+
+def plot_sweep(res, file):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (x, y) in zip(axes, [("accuracy", "fid"), ("recall", "precision")]):
+        for key, label, style in [("cfg", "base + CFG (scale w)", "o-"), ("lam", "CCA, no guidance (λ)", "s-")]:
+            pts = res[key]
+            ax.plot([p[x] for p in pts], [p[y] for p in pts], style, label=label)
+            for p in pts:
+                ax.annotate(f"{p[key]:g}", (p[x], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def warn_estimate(P, grid, K, device):
+    """Time two pretraining steps of this size on this device and extrapolate, before committing to hours."""
+    model = GPT(GPTConfig(P["codebook_size"], K, grid[0] * grid[1], P["n_layer"], P["n_head"], P["n_embd"]))
+    opt, x = adamw(model, 1e-4, 0.0), torch.randint(0, P["codebook_size"], (P["batch_size"], grid[0] * grid[1]))
+    t0 = time.perf_counter()
+    for _ in range(2):
+        F.cross_entropy(model(x, x[:, 0] % K).flatten(0, 1), x.flatten()).backward()
+        opt.step()
+    sec = (time.perf_counter() - t0) / 2
+    print(f"warning: a GPU-sized run on {device}: pretraining alone would take about "
+          f"{sec * P['steps'] / 3600:.1f} h here ({sec:.2f} s/step x {P['steps']} steps). --preset cpu is sized "
+          f"for a CPU.", file=sys.stderr)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="minicca.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a VQ tokenizer and a class-conditional GPT, sample with and without CFG, fine-tune "
+                    "with CCA, and compare. Every stage is cached under --out and skipped when up to date. "
+                    "Flags left unset take their value from --preset.")
+    p.add_argument("command", nargs="?", default="run", choices=["run", "bench"],
+                   help="run: the pipeline; bench: sampling and training speed ratios")
+    g = p.add_argument_group("run")
+    g.add_argument("--dataset", default=None, help="mnist | cifar10 | path/to/data.npz (default: the MNIST "
+                   "subset in tiny_data/, offline)")
+    g.add_argument("--data-root", default="data", help="where torchvision's MNIST/CIFAR10 files are or go")
+    g.add_argument("--out", default=None, help="output folder (default runs/<dataset>)")
+    g.add_argument("--preset", choices=list(PRESETS), default=None, help="micro (tests), cpu (a laptop), "
+                   "gpu (one GPU); default: cpu on a CPU, gpu otherwise")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--retrain", action="append", default=[], choices=list(REDO),
+                   help="redo this stage and those after it even if its checkpoint is up to date")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted stage from its .partial save")
+    g.add_argument("--save-every", type=int, default=200, help="save a resumable checkpoint every N steps")
+    g.add_argument("--pretrained", action="store_true", help="start from the reference checkpoints in "
+                   "tiny_data/pretrained (default dataset only): straight to sampling and evaluation")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--vq-steps", type=int)
+    g.add_argument("--codebook-size", type=int)
+    g = p.add_argument_group("pretraining")
+    for flag, t in [("--n-layer", int), ("--n-head", int), ("--n-embd", int), ("--dropout", float),
+                    ("--steps", int), ("--batch-size", int), ("--lr", float), ("--cond-dropout", float)]:
+        g.add_argument(flag, type=t)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--cfg", type=float, help=f"CFG scale w (LlamaGen convention: 1 = no guidance); default "
+                   f"{COMMON['cfg']}, the best FID of the MNIST sweep (see README)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--samples-per-class", type=int)
+    g = p.add_argument_group("CCA fine-tuning")
+    g.add_argument("--cca", action=argparse.BooleanOptionalAction, default=True,
+                   help="fine-tune the pretrained model with CCA (or --loss) after pretraining")
+    g.add_argument("--loss", choices=list(LOSSES), help=f"default {COMMON['loss']}; dpo and unlearning are the "
+                   "paper's baselines")
+    g.add_argument("--beta", type=float, help=f"default {COMMON['beta']} (β·N ≈ 5 for 49 tokens; see README)")
+    g.add_argument("--lam", type=float, help=f"default {COMMON['lam']} (the diversity-fidelity knob)")
+    g.add_argument("--cca-epochs", type=float, help="passes over the training tokens (preset cpu/gpu: 1)")
+    g.add_argument("--cca-lr", type=float)
+    g.add_argument("--uncond-ratio", type=float, help="fraction of rows with the null class on both branches")
+    g.add_argument("--collisions", choices=["positive", "mask", "resample"], help="what to do when the rolled "
+                   f"negative class equals the true class; default {COMMON['collisions']}")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="train the judge "
+                   "classifier and print the table (metrics.json)")
+    g.add_argument("--eval-samples", type=int)
+    g.add_argument("--clf-epochs", type=float)
+    g.add_argument("--sweep", action="store_true", help="CFG-scale sweep and λ sweep (sweep.json, sweep.png)")
+    args = p.parse_args(argv)
+    args.redo = sorted({s for r in args.retrain for s in REDO[r]})
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.command == "bench":
+            bench(args)
+        else:
+            run(args)
+    except UserError as e:
+        print(f"minicca: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("minicca: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Make `import minicca` work from the tests, whatever directory pytest is started in."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
