@@ -329,6 +329,8 @@ def cfg_logits(cond_logits, uncond_logits, scale):
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
+    if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need top_k >= 1 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -397,8 +399,9 @@ def cca_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta, lam, neg_as_pos=
 
     Inputs are (B,) float tensors of sequence log-likelihoods (summed over tokens): the trainable policy pθ and
     the frozen reference pφ, on true pairs (x, c) ("pos") and mismatched pairs (x, c⁻) ("neg").
-    beta (> 0) scales the log-ratio into a logit: the optimum is pθ ∝ pφ·[p(x|c)/p(x)]^(1/β) per class, so 1/β
-    plays the role of the CFG strength s; it multiplies a sum over N tokens, so smaller N wants a larger β.
+    beta (> 0) scales the log-ratio into a logit: 1/β plays the role of the CFG strength s (the optimum is exactly
+    CFG's pφ·[p(x|c)/p(x)]^s, normalised, only with a class-wise λ*(c); one scalar λ is an approximation). It
+    multiplies a sum over N tokens, so fewer tokens want a larger β.
     lam (>= 0) weights the negatives; at small β it acts as a threshold "keep x where p(c|x) > λ·p(c)", the
     diversity-fidelity knob. neg_as_pos (bool (B,), optional) flags negative rows that are really positives
     (the null class on both branches, or c⁻ == c): they get -log σ(+β·gap) with weight 1. Both terms are
@@ -419,8 +422,9 @@ def cca_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta, lam, neg_as_pos=
     gap_pos = policy_pos - ref_pos                      # log pθ(x|c)/pφ(x|c): the implicit reward is β·gap
     gap_neg = policy_neg - ref_neg                      # log pθ(x|c⁻)/pφ(x|c⁻)
     pos_term = -F.logsigmoid(beta * gap_pos)            # -log σ(β·gap_pos): raise the true pair's likelihood
-    sign = torch.where(flagged, 1.0, -1.0)              # flagged rows are positives: -log σ(+β·gap)
-    weight = torch.where(flagged, 1.0, float(lam))      # true negatives weigh λ, flagged rows 1
+    one = torch.ones_like(gap_neg)
+    sign = torch.where(flagged, one, -one)              # flagged rows are positives: -log σ(+β·gap)
+    weight = torch.where(flagged, one, lam * one)       # true negatives weigh λ, flagged rows 1
     neg_term = -weight * F.logsigmoid(sign * beta * gap_neg)  # -λ·log σ(-β·gap_neg): lower the wrong pair's
     loss = pos_term.mean() + neg_term.mean()            # logsigmoid is stable: finite at gaps of ±1e6
     if normalize:
@@ -1134,6 +1138,104 @@ def warn_estimate(P, grid, K, device):
     print(f"warning: a GPU-sized run on {device}: pretraining alone would take about "
           f"{sec * P['steps'] / 3600:.1f} h here ({sec:.2f} s/step x {P['steps']} steps). --preset cpu is sized "
           f"for a CPU.", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Benchmarks: the speed claims, measured side by side in one run (ratios, not timed tests)
+
+def timed(fn, device, repeat=3):
+    """Mean seconds per call after one warm-up call; CUDA events and a synchronise on a GPU."""
+    fn()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(repeat):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / repeat
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def peak_memory(fn, device):
+    """Peak bytes allocated by fn() on a GPU (None on a CPU: PyTorch has no CPU allocator statistics)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def bench(args):
+    """Guidance-free vs CFG sampling, KV cache vs recompute, pretraining vs CCA steps, for the preset's model
+    (random weights: speed does not depend on them)."""
+    device = pick_device(args.device)
+    P = settings(args, device)
+    torch.manual_seed(args.seed)
+    N, K, V = (64 if args.dataset == "cifar10" else 49), 10, P["codebook_size"]
+    model = GPT(GPTConfig(V, K, N, P["n_layer"], P["n_head"], P["n_embd"])).to(device).eval()
+    batches = [4, 16, 64] if P["n_embd"] < 64 else [16, 64, 256] if device.type == "cpu" else [64, 256, 1024]
+    w = P["cfg"] if P["cfg"] != 1.0 else 1.5
+    print(f"bench: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter GPT, N={N} tokens, "
+          f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPUs'}"
+          f"), torch {torch.__version__}, CFG w={w:g}")
+
+    def sampler(B, scale, cache=True):
+        labels = torch.arange(B, device=device) % K
+        return lambda: generate(model, labels, scale, use_cache=cache, generator=torch.Generator(device).manual_seed(0))
+    gf, cfg, gf2 = {}, {}, {}
+    for B in batches:
+        with autocast(device):
+            cfg[B] = B / timed(sampler(B, w), device)
+            gf[B] = B / timed(sampler(B, 1.0), device)
+            gf2[B] = 2 * B / timed(sampler(2 * B, 1.0), device)
+        print(f"  batch {B:>5}: guidance-free {gf[B]:8.1f} img/s, CFG {cfg[B]:8.1f} img/s; same batch "
+              f"{gf[B] / cfg[B]:.2f}x; equal rows per forward (guidance-free at {2 * B}) {gf2[B] / cfg[B]:.2f}x")
+    best_gf, best_cfg = max({**gf, **gf2}.values()), max(cfg.values())
+    r = {"equal_rows": max(gf2[B] / cfg[B] for B in batches), "best_batch": best_gf / best_cfg,
+         "same_batch": gf[batches[-1]] / cfg[batches[-1]]}
+    B = batches[1]
+    with autocast(device):
+        r["kv_cache"] = timed(sampler(B, 1.0, False), device, 1) / timed(sampler(B, 1.0), device, 1)
+
+    tokens, labels = torch.randint(0, V, (P["batch_size"], N), device=device), torch.arange(P["batch_size"],
+                                                                                             device=device) % K
+    policy, reference = copy.deepcopy(model).train(), copy.deepcopy(model).eval().requires_grad_(False)
+    opt = adamw(policy, 1e-5, 0.0)
+
+    def train_step(cca):
+        with autocast(device):
+            loss = cca_step_loss(policy, reference, tokens, labels)[0] if cca else \
+                F.cross_entropy(policy(tokens, labels).float().flatten(0, 1), tokens.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    t_pre, t_cca = timed(lambda: train_step(False), device), timed(lambda: train_step(True), device)
+    mem = {k: peak_memory(f, device) for k, f in [("pretrain step", lambda: train_step(False)),
+                                                   ("CCA step", lambda: train_step(True)),
+                                                   ("CFG sampling", sampler(B, w)),
+                                                   ("guidance-free sampling", sampler(B, 1.0))]}
+    n_train = 60000 if args.dataset in ("mnist", None) else 50000
+    print(f"  training at batch {P['batch_size']}: pretraining {P['batch_size'] * N / t_pre:,.0f} tokens/s, CCA "
+          f"{P['batch_size'] * N / t_cca:,.0f} tokens/s (the theory says about 2.7x slower)")
+    print("ratios:")
+    print(f"  guidance-free / CFG sampling, equal rows per forward: {r['equal_rows']:.2f}x  (target >= 1.85x, limit 2x)")
+    print(f"  guidance-free / CFG sampling, each at its best batch:  {r['best_batch']:.2f}x")
+    print(f"  guidance-free / CFG sampling, same batch {batches[-1]}:          {r['same_batch']:.2f}x")
+    print(f"  KV cache / full recompute, batch {B}:                 {r['kv_cache']:.2f}x  (target >= 3x)")
+    print(f"  CCA step / pretraining step time:                     {t_cca / t_pre:.2f}x  (theory ~2.7x)")
+    print(f"  one CCA epoch ({n_train} images) / pretraining ({P['steps']} steps): "
+          f"{100 * math.ceil(n_train / P['batch_size']) * t_cca / (P['steps'] * t_pre):.1f}%")
+    print("peak memory:" + "".join(f"\n  {k}: {v / 2**20:.1f} MiB" if v is not None else f"\n  {k}: n/a on a CPU"
+                                   for k, v in mem.items()))
+    return r
 
 
 def parse_args(argv=None):
