@@ -765,7 +765,9 @@ def fid_from_features(a, b):
     """Fréchet distance between Gaussians fitted to two feature sets (N, D): |mu_a - mu_b|^2 +
     tr(Sa + Sb - 2 (Sa Sb)^1/2), with tr (Sa Sb)^1/2 = sum sqrt(eig(Sa^1/2 Sb Sa^1/2)) (symmetric, stable)."""
     a, b = a.double(), b.double()
-    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    D = a.size(1)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(D, D), torch.cov(b.T).reshape(D, D)  # reshape: D = 1 gives a scalar
     evals, evecs = torch.linalg.eigh(cov_a)
     sqrt_a = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
     cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
@@ -934,13 +936,13 @@ def cca_name(P):
     return f"cca_{P['loss']}_b{P['beta']:g}_l{P['lam']:g}_e{P['cca_epochs']:g}"
 
 
-def print_table(rows, path=None):
+def print_table(rows):
+    """The evaluation table, as Markdown (so README tables are this output, pasted)."""
     cols = ["accuracy", "fid", "is", "precision", "recall", "sec_per_image"]
-    lines = [f"{'setting':<28}" + "".join(f"{c:>14}" for c in cols)]
+    print("| setting | " + " | ".join(cols) + " |\n|---" * 1 + "|---:" * len(cols) + "|")
     for name, r in rows.items():
-        lines.append(f"{name:<28}" + "".join(f"{r[c]:>14.4g}" if r.get(c) is not None else f"{'-':>14}"
-                                               for c in cols))
-    print("\n".join(lines))
+        print(f"| {name} | " + " | ".join("-" if r.get(c) is None else f"{r[c]:.2e}" if c == "sec_per_image"
+                                         else f"{r[c]:.3f}" if c != "fid" else f"{r[c]:.3g}" for c in cols) + " |")
 
 
 def run(args):
@@ -963,6 +965,8 @@ def run(args):
         raise UserError(f"--out {out} is not a writable folder ({e.strerror})")
     if args.pretrained:
         import shutil
+        if not os.path.isdir(PRETRAINED):
+            raise UserError(f"no reference checkpoints in {PRETRAINED}: see tiny_data/README.md to make them")
         for f in sorted(os.listdir(PRETRAINED)):
             if not os.path.exists(os.path.join(out, f)):
                 shutil.copy(os.path.join(PRETRAINED, f), os.path.join(out, f))
@@ -1054,6 +1058,17 @@ def run(args):
         run_sweep(judge, base, P, gk, tok, y_train, args, device, path)
 
 
+def export_pretrained(run_dir, dest=PRETRAINED):
+    """Copy the default run's checkpoints (python minicca.py --out run_dir) into tiny_data/pretrained, with
+    float weights stored as float16 to halve their size; --pretrained starts from them."""
+    os.makedirs(dest, exist_ok=True)
+    for f in ["tokenizer.pt", "gpt.pt", cca_name({**COMMON, **PRESETS["cpu"]}) + ".pt", "classifier.pt"]:
+        ckpt = load_checkpoint(os.path.join(run_dir, f))
+        ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        save_checkpoint(ckpt, os.path.join(dest, f))
+        print(f"{os.path.join(dest, f)}: {os.path.getsize(os.path.join(dest, f)) / 2**20:.2f} MiB")
+
+
 def stage_cca(P, gk, tok, y_train, args, device, path):
     cca_keys = ["loss", "beta", "lam", "cca_epochs", "cca_lr", "uncond_ratio", "collisions"]
     cfg = {"base": gk["id"], "seed": args.seed, **{k: P[k] for k in cca_keys}}
@@ -1082,7 +1097,7 @@ class Judge:
         g = np.random.default_rng(self.seed)
         per = [g.permutation(np.flatnonzero(y == c))[:math.ceil(n / len(self.data["classes"]))]
                for c in range(len(self.data["classes"]))]
-        idx = np.stack([p[i] for i in range(len(per[0])) for p in per if i < len(p)])[:n]
+        idx = np.array([p[i] for i in range(max(map(len, per))) for p in per if i < len(p)], dtype=np.int64)[:n]
         return {**evaluate(self.data["x_train"][idx], y[idx], self.clf, self.real, self.device),
                 "sec_per_image": None}
 
