@@ -40,6 +40,11 @@ PRETRAINED = os.path.join(HERE, "tiny_data", "pretrained")
 
 class UserError(Exception):
     """A mistake the user can fix. The CLI prints it as one line and exits with status 2 (no traceback)."""
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    exit_code = 130  # Ctrl-C, after saving what can be resumed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,13 +70,15 @@ def validate_arrays(arrays, source):
             raise UserError(f"{source}: the {split} split is empty")
         if len(x) != len(y):
             raise UserError(f"{source}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
-        if x.shape[1] % 4 or x.shape[2] % 4:
+        if x.shape[1] % 4 or x.shape[2] % 4 or min(x.shape[1:3]) < 4:
             raise UserError(f"{source}: images are {x.shape[1]}x{x.shape[2]}; height and width must be multiples of 4")
         out[f"x_{split}"], out[f"y_{split}"] = x, y.astype(np.int64)
     if out["x_train"].shape[1:] != out["x_test"].shape[1:]:
         raise UserError(f"{source}: train images {out['x_train'].shape[1:]} and test images "
                         f"{out['x_test'].shape[1:]} differ in shape")
     top = int(max(out["y_train"].max(), out["y_test"].max()))
+    if "classes" in arrays and np.asarray(arrays["classes"]).ndim != 1:
+        raise UserError(f"{source}: classes must be a 1-D array of class names")
     classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(top + 1)]
     low = int(min(out["y_train"].min(), out["y_test"].min()))
     if low < 0 or top >= len(classes):
@@ -503,24 +510,31 @@ def cca_step_loss(policy, reference, tokens, labels, loss="cca", beta=0.1, lam=1
 def save_checkpoint(obj, path):
     """Atomic: write a temporary file, then rename, so a kill at any moment leaves the last good file."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path, device="cpu", stage="all"):
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is unreadable (truncated or corrupted? {type(e).__name__}): delete it or pass "
+        ckpt = e
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is unreadable (truncated or corrupted? {type(ckpt).__name__}): delete it or pass "
                         f"--retrain {stage}")
+    return ckpt
 
 
-def check_config(path, saved, wanted, stage):
+def check_config(path, saved, wanted, stage, fix=None):
     diff = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
             if saved.get(k) != wanted.get(k)]
     if diff:
-        raise UserError(f"{path} was made with other settings ({'; '.join(diff)}): pass --retrain {stage} to "
-                        f"redo it, or use another --out")
+        raise UserError(f"{path} was made with other settings ({'; '.join(diff)}): "
+                        f"{fix or f'pass --retrain {stage} to redo it, or use another --out'}")
 
 
 def batch_indices(n, batch_size, step, seed):
@@ -546,9 +560,9 @@ def train_loop(name, partial, config, model, optimizer, num_steps, lr_at, batch_
     batch_loss(step) -> (loss, stats dict). Returns the history of losses and stats."""
     start, history = 0, []
     if os.path.exists(partial):
-        if args.resume:
+        if args.resume and name not in args.redo:
             state = load_checkpoint(partial, device, name)
-            check_config(partial, state["config"], config, name)
+            check_config(partial, state["config"], config, name, f"run without --resume to start over")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start, history = state["step"], state["history"]
@@ -587,7 +601,7 @@ def train_loop(name, partial, config, model, optimizer, num_steps, lr_at, batch_
         bar.close()
         if not updating and done > start:
             save(done)
-        raise UserError(f"[{name}] interrupted; progress up to the last save is in {partial}: rerun the same "
+        raise Interrupted(f"[{name}] interrupted; progress up to the last save is in {partial}: rerun the same "
                         f"command with --resume to continue")
     bar.close()
     return history
@@ -785,6 +799,7 @@ def precision_recall(real, fake, k=3):
     distance from some point of the other set to that point's k-th nearest neighbour in its own set."""
     def radii(x):
         return torch.cdist(x, x).kthvalue(k + 1, dim=1).values                   # +1: skip the point itself
+    k = min(k, len(real) - 1, len(fake) - 1)  # tiny sets: the k-th neighbour must exist
     r_real, r_fake = radii(real), radii(fake)
     d = torch.cdist(fake, real)                                                   # (Nf, Nr)
     precision = (d <= r_real[None]).any(1).float().mean().item()
@@ -846,7 +861,8 @@ PRESETS = {  # steps are optimizer steps; epochs are passes over the training se
 }
 COMMON = dict(cond_dropout=0.1, cfg=1.5, temperature=1.0, top_k=None, top_p=None, loss="cca", beta=0.1,
               lam=10.0, uncond_ratio=0.1, collisions="positive")
-REDO = {"tokenizer": ["tokenizer", "tokens", "pretrain", "cca"], "pretrain": ["pretrain", "cca"],
+REDO = {"tokenizer": ["tokenizer", "tokens", "pretrain", "cca"], "tokens": ["tokens", "pretrain", "cca"],
+        "pretrain": ["pretrain", "cca"],
         "cca": ["cca"], "classifier": ["classifier"], "all": ["tokenizer", "tokens", "pretrain", "cca", "classifier"]}
 
 
@@ -872,17 +888,23 @@ def settings(args, device):
               ("cond-dropout", 0 <= P["cond_dropout"] < 1, "in [0, 1)")]
     checks += [(k.replace("_", "-"), P[k] > 0, "> 0") for k in ("batch_size", "steps", "vq_steps", "cca_epochs",
                "clf_epochs", "eval_samples", "samples_per_class", "lr", "cca_lr", "n_layer", "n_embd")]
-    checks += [("n-embd", P["n_embd"] % P["n_head"] == 0, "a multiple of --n-head")]
+    checks += [("n-head", P["n_head"] > 0, "> 0"), ("n-embd", P["n_embd"] % max(P["n_head"], 1) == 0,
+               "a multiple of --n-head"), ("dropout", 0 <= P["dropout"] < 1, "in [0, 1)"),
+               ("codebook-size", P["codebook_size"] >= 2, ">= 2"), ("seed", args.seed >= 0, ">= 0"),
+               ("save-every", args.save_every >= 0, ">= 0 (0: never)")]
     for flag, ok, what in checks:
         if not ok:
-            raise UserError(f"--{flag} must be {what}, got {P[flag.replace('-', '_')]}")
+            key = flag.replace("-", "_")
+            raise UserError(f"--{flag} must be {what}, got {P[key] if key in P else getattr(args, key)}")
     return P
 
 
-def fingerprint(data, source):
+def fingerprint(data):
     import hashlib
-    h = hashlib.md5(data["x_train"][::97].tobytes() + data["y_train"].tobytes() + data["x_test"][::97].tobytes())
-    return f"{source}:{len(data['x_train'])}+{len(data['x_test'])}x{'x'.join(map(str, data['x_train'].shape[1:]))}" \
+    h = hashlib.md5()
+    for k in ("x_train", "y_train", "x_test", "y_test"):
+        h.update(np.ascontiguousarray(data[k]).tobytes())
+    return f"{len(data['x_train'])}+{len(data['x_test'])}x{'x'.join(map(str, data['x_train'].shape[1:]))}" \
            f":{h.hexdigest()[:10]}"
 
 
@@ -950,6 +972,8 @@ def run(args):
     if args.pretrained and args.dataset not in (None, "tiny"):
         raise UserError("--pretrained uses the checkpoints shipped in tiny_data/, made on the default dataset: "
                         "drop --dataset")
+    if args.pretrained and not os.path.isdir(PRETRAINED):
+        raise UserError(f"no reference checkpoints in {PRETRAINED}: see tiny_data/README.md to make them")
     if args.pretrained and args.preset is None:
         args.preset = "cpu"  # the reference checkpoints were made with the cpu preset
     P = settings(args, device)
@@ -965,8 +989,6 @@ def run(args):
         raise UserError(f"--out {out} is not a writable folder ({e.strerror})")
     if args.pretrained:
         import shutil
-        if not os.path.isdir(PRETRAINED):
-            raise UserError(f"no reference checkpoints in {PRETRAINED}: see tiny_data/README.md to make them")
         for f in sorted(os.listdir(PRETRAINED)):
             if not os.path.exists(os.path.join(out, f)):
                 shutil.copy(os.path.join(PRETRAINED, f), os.path.join(out, f))
@@ -977,7 +999,7 @@ def run(args):
           f"out {out}")
     if device.type == "cpu" and P["n_embd"] >= 384:
         warn_estimate(P, grid, K, device)
-    data_id = fingerprint(data, name)
+    data_id = fingerprint(data)
     path = lambda f: os.path.join(out, f)  # noqa: E731
 
     # 1. tokenizer
@@ -1322,7 +1344,7 @@ def main(argv=None):
             run(args)
     except UserError as e:
         print(f"minicca: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("minicca: interrupted", file=sys.stderr)
         sys.exit(130)
