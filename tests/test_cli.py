@@ -28,14 +28,6 @@ ROWS = ["real (train images)", "base, no guidance", "base, CFG 1.5", "cca, no gu
 METRICS = ["accuracy", "fid", "is", "precision", "recall"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The in-process runs: tiny models run no faster on 2 threads, and far slower on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_npz(path, n_train=400, n_test=100, hw=16, classes=10, rgb=True, seed=0):
     """Classes a tokenizer and a classifier can tell apart: a bright 4x4 square whose place is the class."""

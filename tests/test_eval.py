@@ -20,14 +20,6 @@ CPU = torch.device("cpu")
 CLF = dict(clf_width=16, clf_epochs=1.25)  # 1.0 epoch lands at 89-90% test accuracy: too close to the bar
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions run no faster on 2 threads, and on a busy 2-core machine the pool's waits are costly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def data():

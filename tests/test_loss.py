@@ -17,14 +17,6 @@ from minicca import cca_loss, contrastive_labels, dpo_loss, unlearning_loss
 LOG2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run no faster on 2 threads, and on a busy machine the thread pool's waits are costly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def random_gaps(B=16, seed=0, scale=3.0):
     """Four (B,) float64 tensors: policy_pos, policy_neg, ref_pos, ref_neg (log-likelihoods)."""

@@ -12,14 +12,6 @@ import torch.nn.functional as F
 import minicca
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run no faster on 2 threads, and on a busy machine the thread pool's waits are costly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_gpt(seed=0, vocab_size=8, num_classes=3, block_size=6, n_layer=2, n_head=2, n_embd=16, scale=0.3):
     torch.manual_seed(seed)

@@ -28,14 +28,6 @@ STAGES = {"tokenizer.pt": "tokenizer", "tokens.pt": "tokens", "gpt.pt": "pretrai
           "classifier.pt": "classifier"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run no faster on 2 threads, and far slower on a busy machine; the subprocesses match it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_npz(path, n_train=400, n_test=100, hw=16, n_classes=10, seed=0, **override):
     """Grayscale classes a tokenizer can tell apart: a bright 4x4 square whose place is the class."""

@@ -14,16 +14,6 @@ import minicca
 SMALL = dict(hidden=16, codebook_size=64, code_dim=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run no faster on 2 threads, and on a busy 2-core machine the thread pool's waits made
-    the training test ~30x slower (440 ms vs 15 ms a step, measured). Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     return minicca.load_dataset(None)
