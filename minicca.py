@@ -846,7 +846,7 @@ def sample_images(model, tokenizer, labels, cfg_scale, grid, P, device, seed, ba
 PRESETS = {  # steps are optimizer steps; epochs are passes over the training set
     "micro": dict(vq_hidden=16, codebook_size=32, code_dim=8, vq_steps=40, vq_batch=64, vq_lr=2e-3,
                   n_layer=1, n_head=2, n_embd=32, dropout=0.0, steps=40, batch_size=32, lr=3e-3,
-                  cca_epochs=0.05, cca_lr=1e-3, clf_width=8, clf_epochs=0.1, eval_samples=100,
+                  cca_epochs=0.05, cca_lr=1e-3, clf_width=8, clf_epochs=0.3, eval_samples=100,
                   samples_per_class=4, sweep_cfg=[1.0, 2.0], sweep_lam=[1.0, 10.0]),
     "cpu": dict(vq_hidden=64, codebook_size=256, code_dim=32, vq_steps=800, vq_batch=128, vq_lr=2e-3,
                 n_layer=4, n_head=4, n_embd=128, dropout=0.0, steps=800, batch_size=64, lr=2e-3,
@@ -909,14 +909,15 @@ def fingerprint(data):
 
 
 def run_stage(name, path, config, build, args, device):
-    """Load the checkpoint at `path` if it was made with `config`, else build it (build(partial_path) -> dict)."""
+    """Load the checkpoint at `path` if it was made with `config`, else build it: build(partial, config) -> dict,
+    where `partial` is the path of its resumable save."""
     if os.path.exists(path) and name not in args.redo:
         ckpt = load_checkpoint(path, device, name)
         check_config(path, ckpt.get("config", {}), config, name)
         print(f"[{name}] up to date: {path}")
         return ckpt
     torch.manual_seed(args.seed)
-    ckpt = build(path + ".partial")
+    ckpt = build(path + ".partial", config)
     ckpt.update(config=config, id=os.urandom(4).hex())  # downstream stages record this id
     save_checkpoint(ckpt, path)
     if os.path.exists(path + ".partial"):
@@ -1004,10 +1005,8 @@ def run(args):
 
     # 1. tokenizer
     vq_keys = ["vq_hidden", "codebook_size", "code_dim", "vq_steps", "vq_batch", "vq_lr"]
-    tk = run_stage("tokenizer", path("tokenizer.pt"), {"data": data_id, "seed": args.seed,
-                   **{k: P[k] for k in vq_keys}}, lambda partial: train_tokenizer(
-                   data, P, args, device, partial, {"data": data_id, "seed": args.seed,
-                                                    **{k: P[k] for k in vq_keys}}), args, device)
+    tk = run_stage("tokenizer", path("tokenizer.pt"), {"data": data_id, "seed": args.seed, **{k: P[k] for k in
+                   vq_keys}}, lambda *a: train_tokenizer(data, P, args, device, *a), args, device)
     tokenizer = VQTokenizer(VQConfig(**tk["vq_config"])).to(device).eval()
     tokenizer.load_state_dict(tk["model"])
     rep = tokenizer_report(tokenizer, data["x_test"], device)
@@ -1017,16 +1016,15 @@ def run(args):
     save_grid(torch.cat([x, tokenizer.decode(tokenizer.encode(x))]), 16, path("tokenizer_recon.png"))
 
     # 2. token cache: the GPT never touches pixels again
-    tok = run_stage("tokens", path("tokens.pt"), {"tokenizer": tk["id"]}, lambda _: {
+    tok = run_stage("tokens", path("tokens.pt"), {"tokenizer": tk["id"]}, lambda *_: {
         "train": encode_all(tokenizer, data["x_train"], device),
         "test": encode_all(tokenizer, data["x_test"], device)}, args, device)
     y_train, y_test = torch.from_numpy(data["y_train"]), torch.from_numpy(data["y_test"])
 
     # 3. pretraining with condition dropout
     gpt_keys = ["n_layer", "n_head", "n_embd", "dropout", "steps", "batch_size", "lr", "cond_dropout"]
-    gpt_cfg = {"tokenizer": tk["id"], "seed": args.seed, **{k: P[k] for k in gpt_keys}}
-    gk = run_stage("pretrain", path("gpt.pt"), gpt_cfg, lambda partial: train_gpt(
-        tok["train"], y_train, K, P, args, device, partial, gpt_cfg), args, device)
+    gk = run_stage("pretrain", path("gpt.pt"), {"tokenizer": tk["id"], "seed": args.seed, **{k: P[k] for k in
+                   gpt_keys}}, lambda *a: train_gpt(tok["train"], y_train, K, P, args, device, *a), args, device)
     base = load_gpt(gk, device)
     print(f"[pretrain] {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters; bits/token: "
           f"train {bits_per_token(base, tok['train'][:len(tok['test'])], y_train[:len(tok['test'])], device):.3f}, "
@@ -1046,19 +1044,18 @@ def run(args):
     models = {"base": base}
     if args.cca:
         cca_ckpt = stage_cca(P, gk, tok, y_train, args, device, path)
-        models["cca"] = load_gpt(cca_ckpt, device)
-        panels[f"CCA ({P['loss']}), no guidance"] = sample_images(models["cca"], tokenizer, labels, 1.0, grid, P,
-                                                                  device, args.seed)[0]
-        panels[f"CCA ({P['loss']}), CFG {P['cfg']:g}"] = sample_images(models["cca"], tokenizer, labels, P["cfg"],
-                                                                       grid, P, device, args.seed)[0]
+        tuned = models[P["loss"]] = load_gpt(cca_ckpt, device)  # "cca", or the baseline's name
+        for w in (1.0, P["cfg"]):
+            panels[f"{P['loss']}, " + ("no guidance" if w == 1 else f"CFG {w:g}")] = sample_images(
+                tuned, tokenizer, labels, w, grid, P, device, args.seed)[0]
         save_panels(panels, n, path(f"compare_{cca_name(P)}.png"), f"β={P['beta']:g}, λ={P['lam']:g}, rows: classes")
         print(f"[cca] comparison: {path(f'compare_{cca_name(P)}.png')}")
 
     # 6. evaluation
     if args.eval or args.sweep:
         clf_cfg = {"data": data_id, "seed": args.seed, "clf_width": P["clf_width"], "clf_epochs": P["clf_epochs"]}
-        ck = run_stage("classifier", path("classifier.pt"), clf_cfg, lambda partial: train_classifier(
-            data, P, args, device, partial, clf_cfg), args, device)
+        ck = run_stage("classifier", path("classifier.pt"), clf_cfg,
+                       lambda *a: train_classifier(data, P, args, device, *a), args, device)
         clf = Classifier(C, K, P["clf_width"]).to(device)
         clf.load_state_dict(ck["model"])
         clf.eval()
@@ -1095,8 +1092,8 @@ def stage_cca(P, gk, tok, y_train, args, device, path):
     cca_keys = ["loss", "beta", "lam", "cca_epochs", "cca_lr", "uncond_ratio", "collisions"]
     cfg = {"base": gk["id"], "seed": args.seed, **{k: P[k] for k in cca_keys}}
     base = load_gpt(gk, device)
-    return run_stage("cca", path(cca_name(P) + ".pt"), cfg, lambda partial: finetune_cca(
-        base, tok["train"], y_train, P, args, device, partial, cfg), args, device)
+    return run_stage("cca", path(cca_name(P) + ".pt"), cfg,
+                     lambda *a: finetune_cca(base, tok["train"], y_train, P, args, device, *a), args, device)
 
 
 class Judge:
