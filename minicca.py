@@ -939,11 +939,10 @@ def save_grid(images, nrow, path):
 
 def save_panels(panels, nrow, path, title=""):
     """Several image grids side by side, each titled: {title: images (B, C, H, W)}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend alone
     import torchvision.utils
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (name, imgs) in zip(axes[0], panels.items()):
         grid = torchvision.utils.make_grid(imgs.float().cpu(), nrow=nrow, padding=1, pad_value=0.5)
         ax.imshow(grid.permute(1, 2, 0).numpy())
@@ -952,7 +951,6 @@ def save_panels(panels, nrow, path, title=""):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def cca_name(P):
@@ -1134,16 +1132,17 @@ def run_sweep(judge, base, P, gk, tok, y_train, args, device, path):
         print(f"[sweep] CCA λ {lam:g}: " + ", ".join(f"{k} {v:.3g}" for k, v in res["lam"][-1].items()))
     with open(path("sweep.json"), "w") as f:
         json.dump(res, f, indent=1)
+    print_table({**{f"base, CFG {p['cfg']:g}": p for p in res["cfg"]},
+                 **{f"CCA λ={p['lam']:g}, no guidance": p for p in res["lam"]}})
     plot_sweep(res, path("sweep.png"))
     print(f"[sweep] wrote {path('sweep.json')} and {path('sweep.png')}")
     return res
 
 
 def plot_sweep(res, file):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, (x, y) in zip(axes, [("accuracy", "fid"), ("recall", "precision")]):
         for key, label, style in [("cfg", "base + CFG (scale w)", "o-"), ("lam", "CCA, no guidance (λ)", "s-")]:
             pts = res[key]
@@ -1157,7 +1156,6 @@ def plot_sweep(res, file):
     axes[0].set_yscale("log")
     fig.tight_layout()
     fig.savefig(file, dpi=120)
-    plt.close(fig)
 
 
 def warn_estimate(P, grid, K, device):

@@ -21,10 +21,11 @@ import minicca
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "minicca.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny models: 1 thread is fastest
-STAGE_FILES = ["tokenizer.pt", "tokens.pt", "gpt.pt", "cca_cca_b0.1_l10_e0.05.pt", "classifier.pt"]
-PICTURES = ["tokenizer_recon.png", "samples_base.png", "samples_base_cfg1.5.png",
-            "compare_cca_cca_b0.1_l10_e0.05.png"]
-ROWS = ["real (train images)", "base, no guidance", "base, CFG 1.5", "cca, no guidance", "cca, CFG 1.5"]
+MICRO = {**minicca.COMMON, **minicca.PRESETS["micro"]}  # the defaults, so the names follow them
+W, CCA = f"{MICRO['cfg']:g}", minicca.cca_name(MICRO)
+STAGE_FILES = ["tokenizer.pt", "tokens.pt", "gpt.pt", f"{CCA}.pt", "classifier.pt"]
+PICTURES = ["tokenizer_recon.png", "samples_base.png", f"samples_base_cfg{W}.png", f"compare_{CCA}.png"]
+ROWS = ["real (train images)", "base, no guidance", f"base, CFG {W}", "cca, no guidance", f"cca, CFG {W}"]
 METRICS = ["accuracy", "fid", "is", "precision", "recall"]
 
 
@@ -167,10 +168,10 @@ def test_retrain_pretrain_redoes_pretrain_and_cca_only(e2e, capsys):
     after_m, after_id = mtimes(out_dir), ids(out_dir)
     for f in ["tokenizer.pt", "tokens.pt", "classifier.pt"]:
         assert after_m[f] == before_m[f] and after_id[f] == before_id[f], f
-    for f in ["gpt.pt", "cca_cca_b0.1_l10_e0.05.pt"]:
+    for f in ["gpt.pt", f"{CCA}.pt"]:
         assert after_id[f] != before_id[f], f
     gpt = torch.load(out_dir / "gpt.pt", weights_only=True)
-    cca = torch.load(out_dir / "cca_cca_b0.1_l10_e0.05.pt", weights_only=True)
+    cca = torch.load(out_dir / f"{CCA}.pt", weights_only=True)
     assert cca["config"]["base"] == gpt["id"]  # the new fine-tune starts from the new pretrained model
     assert len(gpt["history"]) == 40
 
@@ -222,7 +223,7 @@ def test_sweep_writes_a_valid_json_and_a_png(e2e, capsys):
     for p in res["cfg"] + res["lam"]:
         for k in METRICS:
             assert isinstance(p[k], float) and np.isfinite(p[k]), (p, k)
-    assert (out_dir / "cca_cca_b0.1_l1_e0.05.pt").exists()  # a fine-tune per λ; λ=10 was cached
+    assert (out_dir / (minicca.cca_name({**MICRO, "lam": 1.0}) + ".pt")).exists()  # a fine-tune per λ; the default λ was cached
     assert "[cca] up to date" in out and "[cca] saved" in out
     from PIL import Image
     with Image.open(out_dir / "sweep.png") as im:

@@ -23,7 +23,7 @@ import minicca
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "minicca.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same 1 thread as in-process
-CCA_FILE = "cca_cca_b0.1_l10_e0.05.pt"
+CCA_FILE = minicca.cca_name({**minicca.COMMON, **minicca.PRESETS["micro"]}) + ".pt"
 STAGES = {"tokenizer.pt": "tokenizer", "tokens.pt": "tokens", "gpt.pt": "pretrain", CCA_FILE: "cca",
           "classifier.pt": "classifier"}
 
@@ -515,7 +515,7 @@ def test_same_seed_same_tokens_images_and_metrics(done, tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = (torch.load(d / "tokens.pt", weights_only=True) for d in (ref, out))
     assert torch.equal(a["train"], b["train"]) and torch.equal(a["test"], b["test"])
-    for f in ["tokenizer_recon.png", "samples_base.png", "samples_base_cfg1.5.png"]:
+    for f in ["tokenizer_recon.png", "samples_base.png", f"samples_base_cfg{minicca.COMMON['cfg']:g}.png"]:
         assert (ref / f).read_bytes() == (out / f).read_bytes(), f
     for f in ["gpt.pt", CCA_FILE, "classifier.pt"]:
         ma, mb = (torch.load(d / f, weights_only=True)["model"] for d in (ref, out))
