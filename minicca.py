@@ -954,7 +954,10 @@ def save_panels(panels, nrow, path, title=""):
 
 
 def cca_name(P):
-    return f"cca_{P['loss']}_b{P['beta']:g}_l{P['lam']:g}_e{P['cca_epochs']:g}"
+    """The fine-tune's file name: loss, β, λ, epochs, and the row settings when they are not the defaults."""
+    extra = ("" if P["collisions"] == "positive" else f"_{P['collisions']}") + \
+            ("" if P["uncond_ratio"] == 0.1 else f"_u{P['uncond_ratio']:g}")
+    return f"cca_{P['loss']}_b{P['beta']:g}_l{P['lam']:g}_e{P['cca_epochs']:g}{extra}"
 
 
 def print_table(rows):
