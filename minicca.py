@@ -850,17 +850,14 @@ PRESETS = {  # steps are optimizer steps; epochs are passes over the training se
                   samples_per_class=4, sweep_cfg=[1.0, 2.0], sweep_lam=[1.0, 10.0]),
     "cpu": dict(vq_hidden=64, codebook_size=256, code_dim=32, vq_steps=800, vq_batch=128, vq_lr=2e-3,
                 n_layer=4, n_head=4, n_embd=128, dropout=0.0, steps=800, batch_size=64, lr=2e-3,
-                cca_epochs=1.0, cca_lr=2e-4, clf_width=32, clf_epochs=2.0, eval_samples=1000,
-                samples_per_class=10, sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0],
-                sweep_lam=[1.0, 3.0, 10.0, 30.0, 100.0]),
+                cca_lr=2e-4, clf_width=32, clf_epochs=2.0, eval_samples=1000),
     "gpu": dict(vq_hidden=128, codebook_size=512, code_dim=32, vq_steps=8000, vq_batch=256, vq_lr=1e-3,
                 n_layer=8, n_head=8, n_embd=384, dropout=0.1, steps=20000, batch_size=256, lr=6e-4,
-                cca_epochs=1.0, cca_lr=6e-5, clf_width=64, clf_epochs=30.0, eval_samples=5000,
-                samples_per_class=10, sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0],
-                sweep_lam=[1.0, 3.0, 10.0, 30.0, 100.0]),
+                cca_lr=6e-5, clf_width=64, clf_epochs=30.0, eval_samples=5000),
 }
 COMMON = dict(cond_dropout=0.1, cfg=2.0, temperature=1.0, top_k=None, top_p=None, loss="cca", beta=0.1,
-              lam=10.0, uncond_ratio=0.1, collisions="positive")
+              lam=10.0, uncond_ratio=0.1, collisions="positive", cca_epochs=1.0, samples_per_class=10,
+              sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0], sweep_lam=[1.0, 3.0, 10.0, 30.0, 100.0])
 REDO = {"tokenizer": ["tokenizer", "tokens", "pretrain", "cca"], "tokens": ["tokens", "pretrain", "cca"],
         "pretrain": ["pretrain", "cca"],
         "cca": ["cca"], "classifier": ["classifier"], "all": ["tokenizer", "tokens", "pretrain", "cca", "classifier"]}
