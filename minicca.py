@@ -1288,9 +1288,14 @@ def bench(args):
     return r
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: None)" would hide that the preset decides
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="minicca.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="minicca.py", formatter_class=_Help,
         description="Train a VQ tokenizer and a class-conditional GPT, sample with and without CFG, fine-tune "
                     "with CCA, and compare. Every stage is cached under --out and skipped when up to date. "
                     "Flags left unset take their value from --preset.")
@@ -1312,19 +1317,22 @@ def parse_args(argv=None):
     g.add_argument("--pretrained", action="store_true", help="start from the reference checkpoints in "
                    "tiny_data/pretrained (default dataset only): straight to sampling and evaluation")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--vq-steps", type=int)
-    g.add_argument("--codebook-size", type=int)
+    g.add_argument("--vq-steps", type=int, help="tokenizer optimizer steps (preset)")
+    g.add_argument("--codebook-size", type=int, help="codes in the codebook = the GPT's vocabulary (preset)")
     g = p.add_argument_group("pretraining")
-    for flag, t in [("--n-layer", int), ("--n-head", int), ("--n-embd", int), ("--dropout", float),
-                    ("--steps", int), ("--batch-size", int), ("--lr", float), ("--cond-dropout", float)]:
-        g.add_argument(flag, type=t)
+    for flag, t, what in [("--n-layer", int, "transformer blocks"), ("--n-head", int, "attention heads"),
+                          ("--n-embd", int, "width"), ("--dropout", float, "dropout in the GPT"),
+                          ("--steps", int, "pretraining optimizer steps"), ("--batch-size", int, "GPT and CCA "
+                          "batch size"), ("--lr", float, "pretraining peak learning rate (cosine schedule)"),
+                          ("--cond-dropout", float, "probability of the null class in pretraining (0.1)")]:
+        g.add_argument(flag, type=t, help=what + " (preset)" * ("(0.1)" not in what))
     g = p.add_argument_group("sampling")
     g.add_argument("--cfg", type=float, help=f"CFG scale w (LlamaGen convention: 1 = no guidance); default "
-                   f"{COMMON['cfg']}, the best FID of the MNIST sweep (see README)")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--samples-per-class", type=int)
+                   f"{COMMON['cfg']}, the best FID of the sweep on the default data (see README)")
+    g.add_argument("--temperature", type=float, help="sampling temperature (1; 0 = greedy)")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (off)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set with this mass (off)")
+    g.add_argument("--samples-per-class", type=int, help="columns of the sample grids (10)")
     g = p.add_argument_group("CCA fine-tuning")
     g.add_argument("--cca", action=argparse.BooleanOptionalAction, default=True,
                    help="fine-tune the pretrained model with CCA (or --loss) after pretraining")
@@ -1333,15 +1341,15 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float, help=f"default {COMMON['beta']} (β·N ≈ 5 for 49 tokens; see README)")
     g.add_argument("--lam", type=float, help=f"default {COMMON['lam']} (the diversity-fidelity knob)")
     g.add_argument("--cca-epochs", type=float, help="passes over the training tokens (preset cpu/gpu: 1)")
-    g.add_argument("--cca-lr", type=float)
+    g.add_argument("--cca-lr", type=float, help="constant fine-tuning learning rate (preset: 0.1x --lr)")
     g.add_argument("--uncond-ratio", type=float, help="fraction of rows with the null class on both branches")
     g.add_argument("--collisions", choices=["positive", "mask", "resample"], help="what to do when the rolled "
                    f"negative class equals the true class; default {COMMON['collisions']}")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="train the judge "
                    "classifier and print the table (metrics.json)")
-    g.add_argument("--eval-samples", type=int)
-    g.add_argument("--clf-epochs", type=float)
+    g.add_argument("--eval-samples", type=int, help="samples per table row, balanced over classes (preset)")
+    g.add_argument("--clf-epochs", type=float, help="judge classifier epochs (preset)")
     g.add_argument("--sweep", action="store_true", help="CFG-scale sweep and λ sweep (sweep.json, sweep.png)")
     g.add_argument("--sweep-cfg", type=float, nargs="+", help="CFG scales of the sweep (default: the preset's)")
     g.add_argument("--sweep-lam", type=float, nargs="+", help="λ values of the sweep, one fine-tune each")
