@@ -562,7 +562,7 @@ def train_loop(name, partial, config, model, optimizer, num_steps, lr_at, batch_
     if os.path.exists(partial):
         if args.resume and name not in args.redo:
             state = load_checkpoint(partial, device, name)
-            check_config(partial, state["config"], config, name, f"run without --resume to start over")
+            check_config(partial, state["config"], config, name, "run without --resume to start over")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start, history = state["step"], state["history"]
@@ -651,7 +651,7 @@ def tokenizer_report(tokenizer, x_uint8, device, batch=1000):
         idx = tokenizer.encode(x)
         mse += F.mse_loss(tokenizer.decode(idx), x, reduction="sum").item()
         codes.append(idx.cpu())
-    mse /= x_uint8[:, :, :, :].size
+    mse /= x_uint8.size
     usage, perplexity = codebook_stats(torch.cat(codes), tokenizer.config.codebook_size)
     return {"mse": mse, "psnr": 10 * math.log10(1 / max(mse, 1e-12)), "usage": usage, "perplexity": perplexity}
 
