@@ -20,6 +20,7 @@ no Inception FID. See README.md for scope and limits.
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -493,7 +494,7 @@ def contrastive_labels(labels, num_classes, uncond_ratio=0.1, collisions="positi
 def cca_step_loss(policy, reference, tokens, labels, loss="cca", beta=0.1, lam=10.0, uncond_ratio=0.1,
                   collisions="positive", generator=None):
     """One fine-tuning batch: the policy runs on 2B rows with gradients, the frozen reference on 2B without."""
-    pos, neg, flags, keep = contrastive_labels(labels, policy.config.num_classes, uncond_ratio, collisions,
+    pos, neg, flags, keep = contrastive_labels(labels, reference.config.num_classes, uncond_ratio, collisions,
                                                generator)
     tokens, pos, neg, flags = tokens[keep], pos[keep], neg[keep], flags[keep]
     both_tokens, both_labels = torch.cat([tokens, tokens]), torch.cat([pos, neg])       # (2B, N), (2B,)
@@ -507,6 +508,71 @@ def cca_step_loss(policy, reference, tokens, labels, loss="cca", beta=0.1, lam=1
 # ----------------------------------------------------------------------------------------------------------
 # 6. Training stages. Each returns a checkpoint dict; `run_stage` caches it under --out, atomically.
 
+# Several processes (`torchrun --nproc_per_node=N minicca.py ...`): skip these helpers on a first read. With one
+# process RANK = 0, WORLD = 1 and each is a no-op. Under torchrun every rank runs the whole program with the same
+# seed on its share of each global batch; DDP averages gradients, so all ranks keep identical weights. Sampling
+# and evaluation are not split: every rank computes the same seeded samples (so the table matches one process's)
+# and rank 0 reports them, which keeps the ranks in step without long waits at a barrier.
+RANK, WORLD = 0, 1
+
+
+def init_distributed(device):
+    """Detect torchrun from its environment (as nanoGPT does) and join its process group: NCCL with one GPU per
+    rank, Gloo on CPU. Only rank 0 prints, draws progress bars and writes files."""
+    global RANK, WORLD, tqdm
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return device
+    if device.type == "mps":
+        raise UserError("several processes need CUDA GPUs (NCCL) or the CPU (Gloo), not MPS")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    RANK, WORLD = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if RANK > 0:  # quiet: no prints, no progress bars
+        sys.stdout, tqdm = open(os.devnull, "w"), functools.partial(tqdm, disable=True)
+    return device
+
+
+def shard(batch):
+    """This rank's rows of a global batch: RANK, RANK + WORLD, ... (the split of torch's DistributedSampler with
+    DataLoader(batch_size=B / WORLD)), kept a pure function of (seed, step) for --resume."""
+    return batch[RANK::WORLD]
+
+
+def ddp(model):
+    """The model as a training step calls it: DistributedDataParallel averages gradients across ranks during
+    backward. State dicts and the optimizer keep using the bare model."""
+    return nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
+
+
+def across_ranks(stats, device):
+    """Average a dict of floats over ranks: the global batch's loss, the same number one process would log."""
+    if WORLD == 1:
+        return stats
+    t = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(stats, (t / WORLD).tolist()))
+
+
+def from_rank0(obj=None):
+    """rank 0's `obj` on every rank; also a barrier (the others wait here for rank 0's writes)."""
+    if WORLD > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
+def rank0_only(write):
+    """Decorates a function that writes a file: under torchrun only rank 0 calls it."""
+    @functools.wraps(write)
+    def maybe_write(*args, **kwargs):
+        return write(*args, **kwargs) if RANK == 0 else None
+    return maybe_write
+
+
+@rank0_only
 def save_checkpoint(obj, path):
     """Atomic: write a temporary file, then rename, so a kill at any moment leaves the last good file."""
     tmp = path + ".tmp"
@@ -583,7 +649,8 @@ def train_loop(name, partial, config, model, optimizer, num_steps, lr_at, batch_
                 group["lr"] = lr_at(step)
             with autocast(device):
                 loss, stats = batch_loss(step)
-            if not torch.isfinite(loss):
+            logged = across_ranks({"loss": loss.item(), **stats}, device)
+            if not math.isfinite(logged["loss"]):
                 kept = partial if os.path.exists(partial) else "no partial checkpoint yet"
                 raise UserError(f"[{name}] non-finite loss at step {step}; stopped, last good checkpoint kept "
                                 f"({kept}). Try a lower learning rate.")
@@ -593,7 +660,7 @@ def train_loop(name, partial, config, model, optimizer, num_steps, lr_at, batch_
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             updating, done = False, step + 1
-            history.append({"step": step, "loss": loss.item(), **stats})
+            history.append({"step": step, **logged})
             bar.set_postfix({k: f"{v:.3g}" for k, v in history[-1].items() if k != "step"}, refresh=False)
             if args.save_every and done % args.save_every == 0 and done < num_steps:
                 save(done)
@@ -624,16 +691,17 @@ def cosine_lr(base, steps, warmup_frac=0.05, floor=0.1):
 def train_tokenizer(data, P, args, device, partial, config):
     X = to_float(data["x_train"])                                                  # (N, C, H, W), on CPU
     model = VQTokenizer(VQConfig(X.size(1), P["vq_hidden"], P["codebook_size"], P["code_dim"])).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=P["vq_lr"])
+    opt, net = torch.optim.Adam(model.parameters(), lr=P["vq_lr"]), ddp(model)
 
     def batch_loss(step):
-        x = X[batch_indices(len(X), P["vq_batch"], step, args.seed)].to(device)
+        x = X[batch_indices(len(X), P["vq_batch"], step, args.seed)].to(device)  # the global batch
         if step % 100 == 0:  # step 0: data-driven codebook init; later: restart the codes this batch left unused
-            with torch.no_grad():
+            with torch.no_grad():  # (on the global batch, so that every rank makes the same restart)
                 z_e = model.encoder(x)
                 unused = torch.bincount(model.quantize(z_e).flatten(), minlength=P["codebook_size"]) == 0
                 model.restart_codes(z_e, torch.ones_like(unused) if step == 0 else unused)
-        recon, vq_loss, indices, _ = model(x)
+        x = shard(x)                                                                  # this rank's rows
+        recon, vq_loss, indices, _ = net(x)
         mse = F.mse_loss(recon.float(), x)
         return mse + vq_loss, {"mse": mse.item(), "usage": codebook_stats(indices, P["codebook_size"])[0]}
 
@@ -668,14 +736,15 @@ def train_gpt(tokens, labels, num_classes, P, args, device, partial, config):
     gpt_config = GPTConfig(P["codebook_size"], num_classes, tokens.size(1), P["n_layer"], P["n_head"],
                            P["n_embd"], P["dropout"])
     model = GPT(gpt_config).to(device)
-    opt = adamw(model, P["lr"], 0.05)
+    opt, net = adamw(model, P["lr"], 0.05), ddp(model)
     B = min(P["batch_size"], len(tokens))
 
     def batch_loss(step):
         idx = batch_indices(len(tokens), B, step, args.seed)
         x, y = tokens[idx].long().to(device), labels[idx].to(device)               # (B, N), (B,)
         y = torch.where(torch.rand(len(y), device=device) < P["cond_dropout"], num_classes, y)  # null class
-        logits = model(x, y)                                                         # (B, N, V)
+        x, y = shard(x), shard(y)                                                    # this rank's rows
+        logits = net(x, y)                                                           # (B, N, V)
         return F.cross_entropy(logits.float().flatten(0, 1), x.flatten()), {}
 
     history = train_loop("pretrain", partial, config, model, opt, P["steps"], cosine_lr(P["lr"], P["steps"]),
@@ -699,14 +768,14 @@ def finetune_cca(base, tokens, labels, P, args, device, partial, config):
     dropout is off in both (eval mode) so that every gap is exactly 0 at step 0."""
     policy, reference = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
     reference.requires_grad_(False)
-    opt = adamw(policy, P["cca_lr"], 0.05)
+    opt, net = adamw(policy, P["cca_lr"], 0.05), ddp(policy)  # the frozen reference is never wrapped
     B = min(P["batch_size"], len(tokens))
     steps = max(math.ceil(P["cca_epochs"] * len(tokens) / B), 1)
 
-    def batch_loss(step):
-        idx = batch_indices(len(tokens), B, step, args.seed + 1)
+    def batch_loss(step):  # under torchrun the negatives are formed within each rank's rows, as officially
+        idx = shard(batch_indices(len(tokens), B, step, args.seed + 1))
         x, y = tokens[idx].long().to(device), labels[idx].to(device)
-        return cca_step_loss(policy, reference, x, y, P["loss"], P["beta"], P["lam"], P["uncond_ratio"],
+        return cca_step_loss(net, reference, x, y, P["loss"], P["beta"], P["lam"], P["uncond_ratio"],
                              P["collisions"])
 
     history = train_loop("cca", partial, config, policy, opt, steps, lambda s: P["cca_lr"], batch_loss, args,
@@ -738,7 +807,7 @@ class Classifier(nn.Module):
 def train_classifier(data, P, args, device, partial, config):
     X, Y = to_float(data["x_train"]), torch.from_numpy(data["y_train"])
     model = Classifier(X.size(1), len(data["classes"]), P["clf_width"]).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
+    opt, net = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4), ddp(model)
     B = min(128, len(X))
     steps = max(math.ceil(P["clf_epochs"] * len(X) / B), 1)
 
@@ -749,7 +818,7 @@ def train_classifier(data, P, args, device, partial, config):
             x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
             dx, dy = torch.randint(-4, 5, (2,)).tolist()
             x = F.pad(x, (4, 4, 4, 4), mode="reflect")[:, :, 4 + dy:4 + dy + X.size(2), 4 + dx:4 + dx + X.size(3)]
-        loss = F.cross_entropy(model(x).float(), y)
+        loss = F.cross_entropy(net(shard(x)).float(), shard(y))  # BatchNorm: per-rank batch statistics
         return loss, {}
 
     model.train()
@@ -888,7 +957,8 @@ def settings(args, device):
     checks += [("n-head", P["n_head"] > 0, "> 0"), ("n-embd", P["n_embd"] % max(P["n_head"], 1) == 0,
                "a multiple of --n-head"), ("dropout", 0 <= P["dropout"] < 1, "in [0, 1)"),
                ("codebook-size", P["codebook_size"] >= 2, ">= 2"), ("seed", args.seed >= 0, ">= 0"),
-               ("save-every", args.save_every >= 0, ">= 0 (0: never)")]
+               ("save-every", args.save_every >= 0, ">= 0 (0: never)"),
+               ("batch-size", P["batch_size"] % WORLD == 0, f"a multiple of the {WORLD} processes")]
     for flag, ok, what in checks:
         if not ok:
             key = flag.replace("-", "_")
@@ -917,8 +987,9 @@ def run_stage(name, path, config, build, args, device):
     ckpt = build(path + ".partial", config)
     ckpt.update(config=config, id=os.urandom(4).hex())  # downstream stages record this id
     save_checkpoint(ckpt, path)
-    if os.path.exists(path + ".partial"):
+    if RANK == 0 and os.path.exists(path + ".partial"):
         os.remove(path + ".partial")
+    ckpt["id"] = from_rank0(ckpt["id"])  # under torchrun: one id, and no rank goes on before the file exists
     print(f"[{name}] saved {path}")
     return ckpt
 
@@ -929,11 +1000,13 @@ def load_gpt(ckpt, device):
     return model.eval()
 
 
+@rank0_only
 def save_grid(images, nrow, path):
     import torchvision.utils
     torchvision.utils.save_image(images.float().cpu(), path, nrow=nrow, padding=1, pad_value=0.5)
 
 
+@rank0_only
 def save_panels(panels, nrow, path, title=""):
     """Several image grids side by side, each titled: {title: images (B, C, H, W)}."""
     from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend alone
@@ -957,6 +1030,12 @@ def cca_name(P):
     return f"cca_{P['loss']}_b{P['beta']:g}_l{P['lam']:g}_e{P['cca_epochs']:g}{extra}"
 
 
+@rank0_only
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 def print_table(rows):
     """The evaluation table, as Markdown (so README tables are this output, pasted)."""
     cols = ["accuracy", "fid", "is", "precision", "recall", "sec_per_image"]
@@ -967,7 +1046,7 @@ def print_table(rows):
 
 
 def run(args):
-    device = pick_device(args.device)
+    device = init_distributed(pick_device(args.device))
     if args.pretrained and args.dataset not in (None, "tiny"):
         raise UserError("--pretrained uses the checkpoints shipped in tiny_data/, made on the default dataset: "
                         "drop --dataset")
@@ -981,21 +1060,22 @@ def run(args):
     out = args.out or os.path.join("runs", name)
     try:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, ".write_test"), "w"):
+        with open(os.path.join(out, f".write_test{RANK}"), "w"):
             pass
-        os.remove(os.path.join(out, ".write_test"))
+        os.remove(os.path.join(out, f".write_test{RANK}"))
     except OSError as e:
         raise UserError(f"--out {out} is not a writable folder ({e.strerror})")
-    if args.pretrained:
+    if args.pretrained and RANK == 0:
         import shutil
         for f in sorted(os.listdir(PRETRAINED)):
             if not os.path.exists(os.path.join(out, f)):
                 shutil.copy(os.path.join(PRETRAINED, f), os.path.join(out, f))
+    from_rank0()  # the others wait for the copies
     K, (H, W, C) = len(data["classes"]), data["x_train"].shape[1:]
     grid = (H // 4, W // 4)
     print(f"minicca: {name}: {len(data['x_train'])} train / {len(data['x_test'])} test images {H}x{W}x{C}, "
           f"{K} classes; device {device}; preset {args.preset or ('cpu' if device.type == 'cpu' else 'gpu')}; "
-          f"out {out}")
+          f"out {out}" + (f"; {WORLD} processes (DDP), global batch {P['batch_size']}" if WORLD > 1 else ""))
     if device.type == "cpu" and P["n_embd"] >= 384:
         warn_estimate(P, grid, K, device)
     data_id = fingerprint(data)
@@ -1067,9 +1147,8 @@ def run(args):
         print(f"\n[eval] {P['eval_samples']} samples per row, balanced over classes, seed {args.seed}; FID/IS/"
               f"precision/recall in the classifier's features, against the {len(data['x_test'])} test images")
         print_table(rows)
-        with open(path("metrics.json"), "w") as f:
-            json.dump({"rows": rows, "settings": P, "seed": args.seed, "device": str(device),
-                       "classifier_accuracy": ck["test_accuracy"], "tokenizer": rep}, f, indent=1)
+        write_json({"rows": rows, "settings": P, "seed": args.seed, "device": str(device), "processes": WORLD,
+                    "classifier_accuracy": ck["test_accuracy"], "tokenizer": rep}, path("metrics.json"))
         print(f"[eval] wrote {path('metrics.json')}")
     if args.sweep:
         run_sweep(judge, base, P, gk, tok, y_train, args, device, path)
@@ -1130,8 +1209,7 @@ def run_sweep(judge, base, P, gk, tok, y_train, args, device, path):
         res["lam"].append({"lam": lam, **judge(load_gpt(stage_cca(Q, gk, tok, y_train, args, device, path),
                                                           device), 1.0)})
         print(f"[sweep] CCA λ {lam:g}: " + ", ".join(f"{k} {v:.3g}" for k, v in res["lam"][-1].items()))
-    with open(path("sweep.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(res, path("sweep.json"))
     print_table({**{f"base, CFG {p['cfg']:g}": p for p in res["cfg"]},
                  **{f"CCA λ={p['lam']:g}, no guidance": p for p in res["lam"]}})
     plot_sweep(res, path("sweep.png"))
@@ -1139,6 +1217,7 @@ def run_sweep(judge, base, P, gk, tok, y_train, args, device, path):
     return res
 
 
+@rank0_only
 def plot_sweep(res, file):
     from matplotlib.figure import Figure
     fig = Figure(figsize=(10, 4))
@@ -1220,6 +1299,8 @@ def peak_memory(fn, device):
 def bench(args):
     """Guidance-free vs CFG sampling, KV cache vs recompute, pretraining vs CCA steps, for the preset's model
     (random weights: speed does not depend on them)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("bench measures one process: run it with python, not torchrun")
     device = pick_device(args.device)
     P = settings(args, device)
     if device.type == "cpu":
@@ -1371,6 +1452,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("minicca: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if WORLD > 1:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

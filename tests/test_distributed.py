@@ -1,0 +1,141 @@
+"""Several processes under torchrun (DDP), on CPU with Gloo, on the micro preset of the default (tiny MNIST) data.
+
+The oracle is one process: with the same global batch and data order, two ranks that each take half of every
+batch and average gradients must log the same losses and end with the same weights, up to float rounding.
+
+Runs (each a real `python -m torch.distributed.run`, ~5-10 s here):
+  one    1 process, the whole pipeline                        (the reference)
+  two    2 processes, the whole pipeline from scratch          (every stage under DDP; rank-0-only output)
+  again  a copy of `one`, pretraining and CCA redone by 2 processes on the same tokens (same weights as `one`)
+CCA uses --collisions mask --uncond-ratio 0, so no row is flagged and the step-0 loss has the closed form
+(1 + λ)·log 2 / max(λ, 1) whatever the batch holds.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minicca
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "minicca.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+FLAGS = ["--preset", "micro", "--collisions", "mask", "--uncond-ratio", "0"]
+CCA = minicca.cca_name({**minicca.COMMON, **minicca.PRESETS["micro"], "collisions": "mask", "uncond_ratio": 0.0})
+LAM = minicca.COMMON["lam"]
+
+
+def launch(out, *flags, nproc=2):
+    """(return code, stdout + stderr) of minicca.py under torchrun (nproc > 1) or plain python."""
+    cmd = [sys.executable, SCRIPT] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
+    p = subprocess.run(cmd + ["--out", str(out), *FLAGS, *flags], env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    return p.returncode, p.stdout + p.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    one, two, again = root / "one", root / "two", root / "again"
+    code, log_one = launch(one, nproc=1)
+    assert code == 0, log_one
+    code, log_two = launch(two)
+    assert code == 0, log_two
+    shutil.copytree(one, again)
+    code, log_again = launch(again, "--retrain", "pretrain", "--no-eval")
+    assert code == 0, log_again
+    return {"one": one, "two": two, "again": again, "log_two": log_two, "log_again": log_again}
+
+
+def ckpt(folder, name):
+    return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+
+
+def losses(c):
+    return torch.tensor([h["loss"] for h in c["history"]], dtype=torch.float64)
+
+
+def test_pretraining_two_processes_equal_one(runs):
+    """Same tokens, same global batch and order: the same per-step losses and final weights as one process."""
+    a, b = ckpt(runs["one"], "gpt.pt"), ckpt(runs["again"], "gpt.pt")
+    assert len(a["history"]) == len(b["history"]) == minicca.PRESETS["micro"]["steps"]
+    assert torch.allclose(losses(a), losses(b), rtol=0, atol=1e-5), (losses(a) - losses(b)).abs().max()
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-4), k
+    # the weights moved a lot compared with the tolerance: equality is not trivial
+    init = minicca.GPT(minicca.GPTConfig(**a["gpt_config"])).state_dict()
+    assert max((a["model"][k] - init[k]).abs().max() for k in init) > 0.05
+
+
+def test_tokenizer_two_processes_equal_one(runs):
+    """The tokenizer (with its dead-code restarts made on the global batch) trains the same on two ranks."""
+    a, b = ckpt(runs["one"], "tokenizer.pt"), ckpt(runs["two"], "tokenizer.pt")
+    assert torch.allclose(losses(a), losses(b), rtol=1e-4, atol=1e-5), (losses(a) - losses(b)).abs().max()
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=2e-3), k
+
+
+@pytest.mark.parametrize("run", ["two", "again"])
+def test_cca_under_two_processes_starts_at_the_closed_form(runs, run):
+    """Policy = reference at step 0, so every gap is 0 and the loss is (1 + λ)·log 2 / max(λ, 1) on each rank."""
+    c = ckpt(runs[run], f"{CCA}.pt")
+    first = c["history"][0]
+    assert first["loss"] == pytest.approx((1 + LAM) * math.log(2) / max(LAM, 1.0), abs=1e-6)
+    assert first["gap_pos"] == first["gap_neg"] == 0.0
+    assert len(c["history"]) == math.ceil(minicca.PRESETS["micro"]["cca_epochs"] * 10_000 /
+                                          minicca.PRESETS["micro"]["batch_size"])  # the global batch sets steps
+    assert c["history"][-1]["gap_pos"] != 0.0  # and then it trains
+
+
+def test_classifier_under_two_processes_tracks_one(runs):
+    """The judge trains under DDP too; BatchNorm uses each rank's half batch, so close, not equal."""
+    a, b = losses(ckpt(runs["one"], "classifier.pt")), losses(ckpt(runs["two"], "classifier.pt"))
+    assert len(a) == len(b)
+    assert (a - b).abs().mean() < 0.05
+
+
+def test_only_rank_zero_prints_and_writes(runs):
+    log = runs["log_two"]
+    for stage in ["tokenizer", "tokens", "pretrain", "cca", "classifier"]:
+        assert log.count(f"[{stage}] saved") == 1, stage  # one rank speaks
+    assert log.count("| base, no guidance |") == 1
+    assert "2 processes (DDP), global batch 32" in log
+    files = sorted(os.listdir(runs["two"]))
+    assert files == sorted(os.listdir(runs["one"]))  # the same outputs as one process
+    assert not [f for f in files if f.endswith((".partial", ".tmp")) or f.startswith(".write_test")]
+    metrics = json.load(open(os.path.join(runs["two"], "metrics.json")))
+    assert metrics["processes"] == 2 and json.load(open(os.path.join(runs["one"], "metrics.json")))["processes"] == 1
+
+
+def test_batch_must_split_evenly(tmp_path):
+    code, log = launch(tmp_path / "odd", "--batch-size", "33")
+    assert code != 0
+    assert "--batch-size must be a multiple of the 2 processes, got 33" in log
+
+
+def test_bench_is_one_process(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        SCRIPT, "bench", "--preset", "micro"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "bench measures one process: run it with python, not torchrun" in p.stdout + p.stderr
+
+
+def test_shard_splits_a_batch_like_distributed_sampler(monkeypatch):
+    """Rank r of W takes rows r, r+W, ...: disjoint, covering, equal halves (DistributedSampler's split)."""
+    batch = torch.arange(8)
+    monkeypatch.setattr(minicca, "WORLD", 2)
+    parts = []
+    for r in range(2):
+        monkeypatch.setattr(minicca, "RANK", r)
+        parts.append(minicca.shard(batch))
+    assert parts[0].tolist() == [0, 2, 4, 6] and parts[1].tolist() == [1, 3, 5, 7]
+    monkeypatch.setattr(minicca, "WORLD", 1)
+    monkeypatch.setattr(minicca, "RANK", 0)
+    assert minicca.shard(batch).tolist() == batch.tolist()  # one process: the whole batch
