@@ -1447,7 +1447,8 @@ def main(argv=None):
         else:
             run(args)
     except UserError as e:
-        print(f"minicca: error: {e}", file=sys.stderr)
+        if RANK == 0 or not isinstance(e, Interrupted):  # under torchrun, rank 0 alone reports a Ctrl-C
+            print(f"minicca: error{f' (rank {RANK})' if RANK else ''}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("minicca: interrupted", file=sys.stderr)
