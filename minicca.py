@@ -1379,7 +1379,9 @@ def parse_args(argv=None):
         prog="minicca.py", formatter_class=_Help,
         description="Train a VQ tokenizer and a class-conditional GPT, sample with and without CFG, fine-tune "
                     "with CCA, and compare. Every stage is cached under --out and skipped when up to date. "
-                    "Flags left unset take their value from --preset.")
+                    "Flags left unset take their value from --preset.",
+        epilog="Several GPUs: torchrun --standalone --nproc_per_node=N minicca.py [flags] trains every stage with "
+               "DDP (NCCL; Gloo on CPU); --batch-size is then the global batch.")
     p.add_argument("command", nargs="?", default="run", choices=["run", "bench"],
                    help="run: the pipeline; bench: sampling and training speed ratios")
     g = p.add_argument_group("run")
