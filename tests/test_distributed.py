@@ -139,3 +139,35 @@ def test_shard_splits_a_batch_like_distributed_sampler(monkeypatch):
     monkeypatch.setattr(minicca, "WORLD", 1)
     monkeypatch.setattr(minicca, "RANK", 0)
     assert minicca.shard(batch).tolist() == batch.tolist()  # one process: the whole batch
+
+
+def test_ctrl_c_and_resume_under_torchrun(tmp_path, runs):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) stops both ranks with rank 0's
+    message once and a .partial save; --resume then ends bit-identical to an uninterrupted two-process run."""
+    import signal
+    import time
+    flags = ["--steps", "400", "--save-every", "50", "--no-cca", "--no-eval", "--retrain", "pretrain"]
+    shutil.copytree(runs["one"], tmp_path / "whole")
+    shutil.copytree(runs["one"], tmp_path / "cut")
+    os.remove(tmp_path / "cut" / "gpt.pt")
+    code, log = launch(tmp_path / "whole", *flags)
+    assert code == 0, log
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+           "--out", str(tmp_path / "cut"), *FLAGS, *flags]
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    partial = tmp_path / "cut" / "gpt.pt.partial"
+    deadline = time.time() + 300
+    while not partial.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    log = p.communicate(timeout=120)[0]
+    assert p.returncode != 0 and partial.exists(), log
+    assert log.count("[pretrain] interrupted") == 1, log  # rank 0 reports it, once
+    assert not (tmp_path / "cut" / "gpt.pt").exists()
+    code, log = launch(tmp_path / "cut", *[f for f in flags if f not in ("--retrain", "pretrain")], "--resume")
+    assert code == 0, log
+    assert "[pretrain] resuming from step" in log
+    a, b = ckpt(tmp_path / "whole", "gpt.pt"), ckpt(tmp_path / "cut", "gpt.pt")
+    assert a["history"] == b["history"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
