@@ -1055,7 +1055,11 @@ def run(args):
     if args.pretrained and args.preset is None:
         args.preset = "cpu"  # the reference checkpoints were made with the cpu preset
     P = settings(args, device)
+    if RANK > 0:
+        from_rank0()  # under torchrun rank 0 loads first (and downloads, if it must); the others wait, then read
     data = load_dataset(args.dataset, args.data_root)
+    if RANK == 0:
+        from_rank0()
     name = "tiny" if args.dataset in (None, "tiny") else os.path.splitext(os.path.basename(args.dataset))[0]
     out = args.out or os.path.join("runs", name)
     try:
@@ -1455,6 +1459,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("minicca: interrupted", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as e:  # under torchrun, Gloo's "closed/reset by peer": the rank that failed said why
+        if RANK == 0 or "by peer" not in str(e):
+            raise
+        print(f"minicca: rank {RANK} stopped: another rank failed", file=sys.stderr)
+        sys.exit(1)
     finally:
         if WORLD > 1:
             torch.distributed.destroy_process_group()

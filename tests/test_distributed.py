@@ -171,3 +171,11 @@ def test_ctrl_c_and_resume_under_torchrun(tmp_path, runs):
     a, b = ckpt(tmp_path / "whole", "gpt.pt"), ckpt(tmp_path / "cut", "gpt.pt")
     assert a["history"] == b["history"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_an_error_on_one_rank_is_one_clear_line(tmp_path):
+    """Rank 0 reports the user's mistake; the rank left waiting for it stops without a traceback of ours."""
+    code, log = launch(tmp_path / "x", "--dataset", str(tmp_path / "missing.npz"))
+    assert code != 0
+    assert f"minicca: error: --dataset {tmp_path / 'missing.npz'}: no such file" in log
+    assert "[rank1]:" not in log  # no traceback from rank 1
