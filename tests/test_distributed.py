@@ -4,8 +4,8 @@ The oracle is one process: with the same global batch and data order, two ranks 
 batch and average gradients must log the same losses and end with the same weights, up to float rounding.
 
 Runs (each a real `python -m torch.distributed.run`, ~5-10 s here):
-  one    1 process, the whole pipeline                        (the reference)
-  two    2 processes, the whole pipeline from scratch          (every stage under DDP; rank-0-only output)
+  one    1 process, the whole pipeline with --sweep            (the reference)
+  two    2 processes, the same from scratch                    (every stage under DDP; rank-0-only output)
   again  a copy of `one`, pretraining and CCA redone by 2 processes on the same tokens (same weights as `one`)
 CCA uses --collisions mask --uncond-ratio 0, so no row is flagged and the step-0 loss has the closed form
 (1 + λ)·log 2 / max(λ, 1) whatever the batch holds.
@@ -43,9 +43,9 @@ def launch(out, *flags, nproc=2):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     one, two, again = root / "one", root / "two", root / "again"
-    code, log_one = launch(one, nproc=1)
+    code, log_one = launch(one, "--sweep", nproc=1)
     assert code == 0, log_one
-    code, log_two = launch(two)
+    code, log_two = launch(two, "--sweep")
     assert code == 0, log_two
     shutil.copytree(one, again)
     code, log_again = launch(again, "--retrain", "pretrain", "--no-eval")
@@ -103,9 +103,10 @@ def test_classifier_under_two_processes_tracks_one(runs):
 
 def test_only_rank_zero_prints_and_writes(runs):
     log = runs["log_two"]
-    for stage in ["tokenizer", "tokens", "pretrain", "cca", "classifier"]:
-        assert log.count(f"[{stage}] saved") == 1, stage  # one rank speaks
-    assert log.count("| base, no guidance |") == 1
+    saved = {"tokenizer": 1, "tokens": 1, "pretrain": 1, "cca": 2, "classifier": 1}  # cca: λ 10, then the sweep's λ 1
+    for stage, times in saved.items():
+        assert log.count(f"[{stage}] saved") == times, stage  # one rank speaks
+    assert log.count("| base, no guidance |") == 1 and log.count("[sweep] wrote") == 1
     assert "2 processes (DDP), global batch 32" in log
     files = sorted(os.listdir(runs["two"]))
     assert files == sorted(os.listdir(runs["one"]))  # the same outputs as one process
