@@ -694,13 +694,13 @@ def train_tokenizer(data, P, args, device, partial, config):
     opt, net = torch.optim.Adam(model.parameters(), lr=P["vq_lr"]), ddp(model)
 
     def batch_loss(step):
-        x = X[batch_indices(len(X), P["vq_batch"], step, args.seed)].to(device)  # the global batch
+        x = X[batch_indices(len(X), P["vq_batch"], step, args.seed)]             # the global batch, on CPU
         if step % 100 == 0:  # step 0: data-driven codebook init; later: restart the codes this batch left unused
             with torch.no_grad():  # (on the global batch, so that every rank makes the same restart)
-                z_e = model.encoder(x)
+                z_e = model.encoder(x.to(device))
                 unused = torch.bincount(model.quantize(z_e).flatten(), minlength=P["codebook_size"]) == 0
                 model.restart_codes(z_e, torch.ones_like(unused) if step == 0 else unused)
-        x = shard(x)                                                                  # this rank's rows
+        x = shard(x).to(device)                                                       # this rank's rows
         recon, vq_loss, indices, _ = net(x)
         mse = F.mse_loss(recon.float(), x)
         return mse + vq_loss, {"mse": mse.item(), "usage": codebook_stats(indices, P["codebook_size"])[0]}
