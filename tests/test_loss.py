@@ -85,7 +85,27 @@ def test_stats_keys_and_values():
         assert stats["margin"] == pytest.approx(1 / 3)
         assert stats["gap_pos"] == pytest.approx(1.0)
         assert stats["gap_neg"] == pytest.approx(2 / 3)
-        assert all(isinstance(v, float) for v in stats.values())
+        # detached 0-d tensors, not floats: no .item() (a host sync) inside the loss; float() them to log
+        assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in stats.values())
+        assert all(isinstance(float(v), float) for v in stats.values())
+
+
+@pytest.mark.parametrize("fn", [cca_loss, dpo_loss, unlearning_loss])
+def test_stats_are_detached_even_when_the_inputs_need_gradients(fn):
+    pp, pn = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    z = torch.zeros(6)
+    loss, stats = fn(pp, pn, z, z, beta=0.1, lam=2.0, neg_as_pos=torch.arange(6) % 2 == 0)
+    assert loss.requires_grad
+    assert not any(v.requires_grad for v in stats.values())
+
+
+@pytest.mark.parametrize("fn", [cca_loss, dpo_loss, unlearning_loss])
+def test_stats_when_every_row_is_flagged_average_over_all_rows(fn):
+    pp, pn, z = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([2.0, 0.0, 1.0]), torch.zeros(3)
+    _, stats = fn(pp, pn, z, z, beta=0.1, lam=2.0, neg_as_pos=torch.ones(3, dtype=torch.bool))
+    assert float(stats["reward_acc"]) == pytest.approx(2 / 3)
+    assert float(stats["margin"]) == pytest.approx(4 / 3)
+    assert float(stats["gap_pos"]) == pytest.approx(7 / 3) and float(stats["gap_neg"]) == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------

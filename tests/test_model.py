@@ -4,6 +4,7 @@ Oracles: brute-force enumeration of every sequence, per-prefix recomputation, an
 The tiny models get larger-than-default random weights so that their distributions are far from uniform.
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -109,6 +110,32 @@ def test_null_class_is_a_valid_label():
 
 # ----------------------------------------------------------------------------------------------------------
 # KV cache
+
+def manual_attention(attn, x):
+    """The five lines SelfAttention's fused call stands for: softmax(q kᵀ / √d + causal mask) v."""
+    B, T, C = x.shape
+    q, k, v = (t.view(B, T, attn.n_head, -1).transpose(1, 2) for t in attn.qkv(x).split(C, 2))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))                 # (B, nh, T, T)
+    scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))  # no peeking
+    return attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
+
+
+def test_self_attention_equals_manual_attention_with_and_without_the_cache():
+    model = tiny_gpt(n_embd=16, n_head=2)
+    attn = model.blocks[0].attn
+    x = torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(0))
+    reference = manual_attention(attn, x)
+    assert torch.allclose(attn(x), reference, atol=1e-5, rtol=0)
+    cache = []
+    stepwise = torch.cat([attn(x[:, t:t + 1], cache) for t in range(6)], dim=1)  # one position each
+    assert len(cache) == 2 and cache[0].shape == (3, 2, 6, 8)                     # (B, nh, T, hd)
+    assert torch.allclose(stepwise, reference, atol=1e-5, rtol=0)
+    # the mask matters: position 0 must not see position 5
+    changed = x.clone()
+    changed[:, 5] += 1.0
+    assert torch.allclose(attn(changed)[:, :5], reference[:, :5], atol=1e-5, rtol=0)
+    assert not torch.allclose(attn(changed)[:, 5], reference[:, 5], atol=1e-3)
+
 
 def test_decode_step_logits_match_the_full_forward():
     model = tiny_gpt()
