@@ -1,10 +1,14 @@
-"""VQ tokenizer: straight-through gradients, where the commitment weight goes, codebook usage, and that it learns.
+"""VQ tokenizer: straight-through gradients, where the commitment weight goes, codebook usage, the
+l2-normalised lookup, that it learns, and that the codebook does not collapse in training.
 
-All tests use a small tokenizer (hidden 16, 64 codes of dimension 8) on the MNIST subset in tiny_data/.
+All tests use a small tokenizer (hidden 16, 64 codes of dimension 8) on the MNIST subset in
+tiny_data/ (and, for RGB, those digits coloured: a random colour per image on a random background).
 """
 import copy
 import math
+from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,33 +40,82 @@ def grads(module):
                       for p in module.parameters()])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # shapes and the hand-checkable pieces
 
-def test_forward_shapes_and_encode_decode(images):
-    tok = small_tokenizer()
+def coloured(x_uint8, seed=0):
+    """uint8 digits (N, H, W, 1) -> uint8 RGB (N, H, W, 3): ink of one random colour per image on a
+    background of another, a small real RGB sample that needs no committed data."""
+    rng = np.random.default_rng(seed)
+    ink, background = rng.integers(0, 256, (2, len(x_uint8), 1, 1, 3))
+    alpha = x_uint8.astype(np.float32) / 255
+    return (alpha * ink + (1 - alpha) * background).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("l2_norm", [False, True])
+def test_forward_shapes_and_encode_decode(images, l2_norm):
+    tok = small_tokenizer(l2_norm=l2_norm)
     recon, vq, indices, z_e = tok(images)
-    assert recon.shape == images.shape
+    assert recon.shape == images.shape and recon.dtype == torch.float32
     assert indices.shape == (64, 7, 7) and indices.dtype == torch.long
     assert z_e.shape == (64, 8, 7, 7)
     assert vq.dim() == 0
     assert torch.equal(tok.encode(images), indices)
     out = tok.decode(indices)
-    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    assert out.shape == images.shape and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
 
 
-def test_quantize_picks_the_nearest_code_by_brute_force(images):
-    tok = small_tokenizer()
+@pytest.mark.parametrize("l2_norm", [False, True])
+def test_encode_decode_shapes_and_dtypes_on_rgb(data, l2_norm):
+    """32x32 RGB (CIFAR-10's shape): 8x8 LongTensor grids, back to (B, 3, 32, 32) in [0, 1]."""
+    rgb = coloured(data["x_train"][:16])                                    # (16, 28, 28, 3)
+    x = F.pad(minicca.to_float(rgb), (2, 2, 2, 2))                          # (16, 3, 32, 32)
+    tok = small_tokenizer(channels=3, l2_norm=l2_norm)
+    indices = tok.encode(x)
+    assert indices.shape == (16, 8, 8) and indices.dtype == torch.long
+    assert indices.min() >= 0 and indices.max() < 64
+    out = tok.decode(indices)
+    assert out.shape == (16, 3, 32, 32) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_l2_norm_puts_encoder_outputs_and_codes_on_the_unit_sphere(images):
+    tok = small_tokenizer(l2_norm=True)
+    with torch.no_grad():
+        _, _, indices, z_e = tok(images)
+        z_q = tok.lookup(indices)
+    assert torch.allclose(z_e.norm(dim=1), torch.ones(64, 7, 7), atol=1e-5)
+    assert torch.allclose(z_q.norm(dim=1), torch.ones(64, 7, 7), atol=1e-5)
+    assert not torch.allclose(tok.codebook.weight.norm(dim=1), torch.ones(64))  # stored as is
+
+
+def test_checkpoints_made_before_l2_norm_load_as_plain_vq():
+    """A vq_config saved before the field existed has no l2_norm: it must mean the lookup it was
+    trained with (plain VQ-VAE), while train_tokenizer turns it on (tested below)."""
+    old = {k: v for k, v in asdict(minicca.VQConfig()).items() if k != "l2_norm"}
+    assert minicca.VQConfig(**old).l2_norm is False
+
+
+@pytest.mark.parametrize("l2_norm", [False, True])
+def test_quantize_picks_the_nearest_code_by_brute_force(images, l2_norm):
+    tok = small_tokenizer(l2_norm=l2_norm)
     with torch.no_grad():
         z_e = tok.encoder(images)
-        tok.restart_codes(z_e, torch.ones(64, dtype=torch.bool))  # so that many different codes are chosen
+        # so that many different codes are chosen
+        tok.restart_codes(z_e, torch.ones(64, dtype=torch.bool))
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, 8)
-        dists = ((flat[:, None, :] - tok.codebook.weight[None]) ** 2).sum(-1)  # (B*h*w, K), written out
+        codes = tok.codebook.weight
+        if l2_norm:  # the lookup compares directions: both sides divided by their length
+            flat = flat / flat.pow(2).sum(1, keepdim=True).sqrt()
+            codes = codes / codes.pow(2).sum(1, keepdim=True).sqrt()
+        dists = ((flat[:, None, :] - codes[None]) ** 2).sum(-1)  # (B*h*w, K), written out
         expected = dists.argmin(1).view(64, 7, 7)
     got = tok.quantize(z_e)
-    # ties aside (none here), the expanded-square formula must choose the same code as the direct distance
+    # ties aside, the expanded-square formula must choose the same code as the direct distance
+    # (on the sphere, blank patches give equal vectors, and codes restarted on them near-ties)
     agree = (got == expected).float().mean().item()
-    assert agree > 0.999
+    assert agree > 0.99
     picked = dists.gather(1, got.view(-1, 1)).squeeze(1)
     assert torch.allclose(picked, dists.min(1).values, atol=1e-5)
 
@@ -86,16 +139,17 @@ def test_codebook_stats_hand_computed():
     assert usage == 1 / 8 and perplexity == pytest.approx(1.0)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # gradients
 
-def test_straight_through_estimator_passes_reconstruction_grads_to_the_encoder(images):
-    tok = small_tokenizer()
+@pytest.mark.parametrize("l2_norm", [False, True])
+def test_straight_through_estimator_passes_reconstruction_grads_to_the_encoder(images, l2_norm):
+    tok = small_tokenizer(l2_norm=l2_norm)
     recon, _, indices, z_e = tok(images)
     z_e.retain_grad()
     F.mse_loss(recon, images).backward()
-    assert grads(tok.encoder).abs().sum() > 0          # the encoder learns from reconstruction alone
-    assert grads(tok.codebook).abs().sum() == 0        # the codes do not: they learn from the vq loss only
+    assert grads(tok.encoder).abs().sum() > 0    # the encoder learns from reconstruction alone
+    assert grads(tok.codebook).abs().sum() == 0  # the codes do not: only the vq loss moves them
     # oracle: the straight-through gradient at z_e is exactly the decoder's gradient at z_q
     z_q = tok.lookup(indices).detach().requires_grad_(True)
     F.mse_loss(tok.decoder(z_q), images).backward()
@@ -114,7 +168,8 @@ def test_commitment_weight_scales_the_commitment_term_only(images):
     # the codebook term ||sg[z_e] - e||^2 does not depend on the weight ...
     assert grads(tok_a.codebook).abs().sum() > 0
     assert torch.allclose(grads(tok_a.codebook), grads(tok_b.codebook), rtol=1e-6, atol=0)
-    # ... the commitment term ||z_e - sg[e]||^2 is the only one that reaches the encoder, scaled by the weight
+    # ... the commitment term ||z_e - sg[e]||^2 is the only one that reaches the encoder, scaled by
+    # the weight
     g_a, g_b = grads(tok_a.encoder), grads(tok_b.encoder)
     assert g_b.abs().sum() > 0
     assert torch.allclose(g_a, (a / b) * g_b, rtol=1e-5, atol=1e-12)
@@ -129,7 +184,7 @@ def test_vq_loss_value_is_codebook_plus_weighted_commitment(images):
     assert vq.item() == pytest.approx((1 + 0.4) * d2.item(), rel=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # codebook usage
 
 def test_restart_codes_moves_dead_codes_onto_encoder_outputs_and_keeps_live_ones(images):
@@ -155,7 +210,7 @@ def test_restart_codes_gives_high_usage_on_real_data_unlike_random_init(images):
         with torch.no_grad():
             z_e = tok.encoder(images)
         usage_random, _ = minicca.codebook_stats(tok.quantize(z_e), 64)   # default N(0, 1) codebook
-        tok.restart_codes(z_e, torch.ones(64, dtype=torch.bool))          # data-driven initialisation
+        tok.restart_codes(z_e, torch.ones(64, dtype=torch.bool))          # data-driven init
         usage_restart, perplexity = minicca.codebook_stats(tok.quantize(z_e), 64)
         usages.append((usage_random, usage_restart))
         assert usage_restart > 0.5, usages
@@ -190,6 +245,45 @@ def test_two_hundred_steps_reduce_reconstruction_error(data):
     assert math.isfinite(final)
     assert final < 0.25 * initial, (initial, final)  # measured: 0.143 -> 0.014
     all_black = F.mse_loss(torch.zeros_like(held_out), held_out).item()
-    assert final < 0.5 * all_black, (final, all_black)  # better than the trivial "predict black" image
+    assert final < 0.5 * all_black, (final, all_black)  # beats the trivial all-black image
     usage, _ = minicca.codebook_stats(tok.encode(held_out), 64)
     assert usage > 0.5  # the codebook did not collapse (measured 0.92)
+
+
+# --------------------------------------------------------------------------------------------------
+# the collapse: a regression test for train_tokenizer itself (its restarts, the l2 lookup, and all)
+
+# Measured (seed 0, 2048 images, 100 steps; the smallest per-step usage of steps 1..99, then the
+# held-out perplexity): digits 0.77 and 44, coloured digits 0.86 and 51 of 64 codes. The tokenizer
+# before (plain lookup, restarts every 100 steps), the same run: about 0.06 and 8, 0.03 and 16.
+USAGE_FLOOR = 0.5
+PERPLEXITY_FLOOR = 25.0
+
+
+def train_100_steps(x_uint8, tmp_path):
+    """train_tokenizer on x_uint8 (N, H, W, C): 100 steps at batch 64, the small tokenizer."""
+    P = {**minicca.COMMON, **minicca.PRESETS["micro"], "vq_hidden": 16, "codebook_size": 64,
+         "code_dim": 8, "vq_steps": 100, "vq_batch": 64, "vq_lr": 2e-3}
+    args = minicca.parse_args(["--device", "cpu"])
+    args.redo = []
+    torch.manual_seed(0)
+    ckpt = minicca.train_tokenizer({"x_train": x_uint8}, P, args, torch.device("cpu"),
+                                   str(tmp_path / "tokenizer.partial"), {})
+    tok = minicca.VQTokenizer(minicca.VQConfig(**ckpt["vq_config"]))
+    tok.load_state_dict(ckpt["model"])
+    return ckpt, tok.eval()
+
+
+@pytest.mark.parametrize("kind", ["digits", "coloured digits"])
+def test_codebook_usage_stays_high_over_the_first_100_steps(data, kind, tmp_path):
+    """The collapse this guards against: on CIFAR-10 usage fell from 98% to about 10% of the codes
+    between restarts every 100 steps. Each step's usage is logged on its training batch."""
+    colour = (lambda x: x) if kind == "digits" else coloured
+    ckpt, tok = train_100_steps(colour(data["x_train"][:2048]), tmp_path)
+    assert ckpt["vq_config"]["l2_norm"] is True
+    assert ckpt["vq_config"]["channels"] == (1 if kind == "digits" else 3)
+    usage = [h["usage"] for h in ckpt["history"][1:]]                       # steps 1..99
+    assert len(usage) == 99
+    assert min(usage) > USAGE_FLOOR, (kind, min(usage), usage.index(min(usage)) + 1)
+    report = minicca.tokenizer_report(tok, colour(data["x_test"][:512]), "cpu")
+    assert report["perplexity"] > PERPLEXITY_FLOOR, (kind, report)
