@@ -6,6 +6,315 @@ re-implements it.
 
 # ----------------------------------------------------------------------------------------------------------
 # Shared setup (00_tour, 02_tradeoff)
+# A notebook's first cell runs `import course` and `course.start()`; the rest of the setup
+# (finding minicca.py, loading the shipped checkpoints or training them, the judge) lives here once.
+import contextlib
+import copy
+import functools
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+NOTEBOOKS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(NOTEBOOKS_DIR)
+if REPO_DIR not in sys.path:  # the minicca.py next to notebooks/, whatever the working directory
+    sys.path.insert(0, REPO_DIR)
+
+import matplotlib.pyplot as plt  # noqa: E402 (after the path is set, like minicca)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import minicca  # noqa: E402
+
+QUICK = os.environ.get("MINICCA_QUICK") == "1"  # set by tests/test_notebooks.py: less of everything
+DEVICE = torch.device("cpu")
+SWEEP_FILE = os.path.join(os.path.dirname(minicca.TINY_DATA), "sweep_tiny.json")
+
+
+def minicca_sha256():
+    """The first 16 hex digits of the sha256 of the imported minicca.py: the notebook test compares
+    the value a notebook printed when its outputs were made with today's file."""
+    with open(minicca.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def start():
+    """Everything a notebook's first cell needs; prints the two lines the notebook test reads."""
+    # The models are tiny: on a 2-core machine busy with other work, two threads ran several
+    # times slower than one. On a free machine with more cores MINICCA_THREADS=4 may help.
+    torch.set_num_threads(int(os.environ.get("MINICCA_THREADS", "1")))
+    # tqdm bars become widgets in a notebook and bloat the saved file; stages still print a line
+    if hasattr(minicca, "tqdm") and not isinstance(minicca.tqdm, functools.partial):
+        minicca.tqdm = functools.partial(minicca.tqdm, disable=True)
+    plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
+    print(f"quick mode: {QUICK}")
+    print(f"minicca.py sha256: {minicca_sha256()}")
+    return QUICK
+
+
+def cca_file(preset):
+    """The file name the pipeline gives the default CCA fine-tune of a preset."""
+    return minicca.cca_name({**minicca.COMMON, **minicca.PRESETS[preset]}) + ".pt"
+
+
+def has_shipped_judge():
+    return hasattr(minicca, "load_judge")
+
+
+def load_judge(ckpt_dir):
+    """The classifier that scores samples: minicca.load_judge('mnist') when minicca ships one,
+    else the classifier.pt that the pipeline trained next to the checkpoints.
+    Returns (classifier in eval mode, where it came from)."""
+    if has_shipped_judge():
+        return minicca.load_judge("mnist").to(DEVICE).eval(), "minicca.load_judge('mnist')"
+    path = os.path.join(ckpt_dir, "classifier.pt")
+    ckpt = minicca.load_checkpoint(path)
+    data = minicca.load_dataset(None)
+    classifier = minicca.Classifier(data["x_train"].shape[-1], len(data["classes"]),
+                                    ckpt["config"]["clf_width"])
+    classifier.load_state_dict(ckpt["model"])
+    return classifier.eval(), path
+
+
+def load_models(judge=False):
+    """Tokenizer, base GPT and the default CCA fine-tune (and the judge), as a namespace.
+
+    From tiny_data/pretrained (or MINICCA_PRETRAINED) when the files are there; otherwise the
+    pipeline trains them into a temporary folder, never into the repository: the micro preset in
+    quick mode, cpu otherwise."""
+    pretrained = os.environ.get("MINICCA_PRETRAINED", minicca.PRETRAINED)
+    needed = ["tokenizer.pt", "gpt.pt"]
+    if judge and not has_shipped_judge():
+        needed.append("classifier.pt")
+    found = [p for p in ("cpu", "micro")
+             if all(os.path.isfile(os.path.join(pretrained, f)) for f in needed + [cca_file(p)])]
+    if found:
+        ckpt_dir, preset = pretrained, found[0]
+    else:
+        preset = "micro" if QUICK else "cpu"
+        ckpt_dir = tempfile.mkdtemp(prefix="minicca_run_")
+        print(f"no reference checkpoints in {pretrained}: "
+              f"training them with --preset {preset} into {ckpt_dir}")
+        started = time.time()
+        flags = ["--out", ckpt_dir, "--preset", preset, "--device", "cpu"]
+        if judge and not has_shipped_judge():  # evaluation trains the judge: keep it cheap
+            flags += ["--eval-samples", "100"]
+        else:
+            flags += ["--no-eval"]
+        with contextlib.redirect_stdout(io.StringIO()):  # a line per stage; one summary suffices
+            minicca.main(flags)
+        print(f"trained in {time.time() - started:.0f} s; "
+              f"to reuse them, set MINICCA_PRETRAINED={ckpt_dir}")
+    tk, gk, ck = (minicca.load_checkpoint(os.path.join(ckpt_dir, f))
+                  for f in ("tokenizer.pt", "gpt.pt", cca_file(preset)))
+    assert gk["config"]["tokenizer"] == tk["id"] and ck["config"]["base"] == gk["id"], \
+        "checkpoints of different runs"
+    tokenizer = minicca.VQTokenizer(minicca.VQConfig(**tk["vq_config"])).eval()
+    tokenizer.load_state_dict(tk["model"])  # casts the float16 weights to float32
+    data = minicca.load_dataset(None)  # None: the MNIST subset shipped in tiny_data/
+    height, width = data["x_train"].shape[1:3]
+    models = SimpleNamespace(
+        tk=tk, gk=gk, ck=ck, tokenizer=tokenizer, base=minicca.load_gpt(gk, DEVICE),
+        cca=minicca.load_gpt(ck, DEVICE), preset=preset, ckpt_dir=ckpt_dir, data=data,
+        shipped=os.path.realpath(ckpt_dir) == os.path.realpath(minicca.PRETRAINED),
+        P={**minicca.COMMON, **minicca.PRESETS[preset]},  # the settings they were made with
+        K=len(data["classes"]), grid=(height // 4, width // 4))  # the tokenizer downsamples 4x
+    if judge:
+        models.classifier, models.judge_source = load_judge(ckpt_dir)
+    return models
+
+
+def encode(models, images, batch=1000):
+    """uint8 NHWC images -> token sequences (n, N) with the tokenizer, in batches."""
+    with torch.no_grad():
+        return torch.cat([models.tokenizer.encode(minicca.to_float(images[i:i + batch])).flatten(1)
+                          for i in range(0, len(images), batch)])
+
+
+def show_grids(panels, nrow, title, per_row=4):
+    """Image grids, `per_row` titled panels to a row: {title: images (B, C, H, W) in [0, 1]}."""
+    import textwrap
+    import torchvision.utils
+    cols = min(len(panels), per_row)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, images) in zip(axes.flat, panels.items()):
+        grid = torchvision.utils.make_grid(images.float().cpu(), nrow=nrow, padding=1,
+                                           pad_value=0.5)
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_title(textwrap.fill(name, 34), fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    plt.tight_layout()
+    plt.show()
+
+
+def label_points(ax, xs, ys, texts, fontsize=7):
+    """Label points without overlaps: for each point try offsets around it and keep the first
+    whose text box touches neither a placed label nor any point. Call after tight_layout (the
+    boxes are measured in pixels)."""
+    renderer = ax.figure.canvas.get_renderer()
+    points = ax.transData.transform(np.column_stack([xs, ys]))
+    offsets = [(4, 4), (4, -11), (-4, 4), (-4, -11), (8, 14), (-8, 14), (8, -20), (-8, -20),
+               (14, -4), (-14, -4), (4, 24), (4, -30)]
+    placed = []
+    for x, y, text in zip(xs, ys, texts):
+        for dx, dy in offsets:
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points",
+                                fontsize=fontsize, ha="left" if dx >= 0 else "right")
+            box = label.get_window_extent(renderer).expanded(1.1, 1.2)
+            clear = not any(box.overlaps(other) for other in placed) and \
+                not any(box.contains(px, py) for px, py in points)
+            if clear or (dx, dy) == offsets[-1]:
+                placed.append(box)
+                break
+            label.remove()
+
+
+def readme_table(heading):
+    """The first Markdown table under a README.md heading, as {first cell: {column: value}}:
+    notebooks print the README's measured numbers from the file itself, so they cannot drift."""
+    with open(os.path.join(REPO_DIR, "README.md"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start_at = next(i for i, line in enumerate(lines) if line.startswith("#") and heading in line)
+    rows = []
+    for line in lines[start_at + 1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows:
+            break
+    header, body = rows[0], rows[2:]  # rows[1] is the |---| line
+    table = {}
+    for row in body:
+        values = {}
+        for column, cell in zip(header[1:], row[1:]):
+            try:
+                values[column] = float(cell)
+            except ValueError:
+                values[column] = cell
+        table[row[0]] = values
+    return table
+
+
+def accepts_flag(flag):
+    """Whether this minicca.py's command line has `flag` (taking one value)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            minicca.parse_args([flag, "1"])
+        return True
+    except SystemExit:
+        return False
+
+
+def load_sweep(models, quick_flags):
+    """The CFG-scale and λ sweeps as `python minicca.py --sweep` writes them (sweep.json).
+
+    The shipped full sweep, tiny_data/sweep_tiny.json (or the file MINICCA_SWEEP_JSON names),
+    when the checkpoints are the shipped ones; recomputed with the pipeline when
+    MINICCA_RECOMPUTE_SWEEP=1, when the file is absent or when the checkpoints were trained here
+    (in quick mode with `quick_flags`). Returns (sweep, where it came from)."""
+    source = os.environ.get("MINICCA_SWEEP_JSON", SWEEP_FILE)
+    recompute = os.environ.get("MINICCA_RECOMPUTE_SWEEP") == "1"
+    if not recompute and models.shipped and os.path.isfile(source):
+        with open(source) as f:
+            return json.load(f), source
+    out = tempfile.mkdtemp(prefix="minicca_sweep_")
+    start_from = ["--pretrained"] if models.shipped else ["--preset", models.preset]
+    flags = start_from + ["--out", out, "--sweep", "--no-cca", "--no-eval", "--device", "cpu"]
+    flags += quick_flags if QUICK else []
+    if QUICK and accepts_flag("--eval-seeds"):  # one set of samples per point is enough for a check
+        flags += ["--eval-seeds", "1"]
+    if not models.shipped:  # link the checkpoints trained above: the pipeline finds them up to date
+        for f in glob.glob(os.path.join(models.ckpt_dir, "*.pt")):
+            os.symlink(f, os.path.join(out, os.path.basename(f)))
+    print("recomputing the sweep: python minicca.py " + " ".join(flags))
+    started = time.time()
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        minicca.main(flags)
+    print("\n".join(line for line in log.getvalue().splitlines() if line.startswith("[sweep]")))
+    print(f"recomputed in {time.time() - started:.0f} s")
+    with open(os.path.join(out, "sweep.json")) as f:
+        return json.load(f), "recomputed: " + os.path.join(out, "sweep.json")
+
+
+def finetune(models, tokens, labels, loss="cca", lam=10.0, epochs=0.3, seed=1):
+    """A short fine-tune of the base model with the pipeline's recipe, around minicca's public
+    cca_step_loss (the loss, its negatives, its logged statistics): a trainable copy against a
+    frozen one, AdamW (0.9, 0.95) with weight decay 0.05 on matrices, a constant learning rate,
+    gradients clipped at 1, a fresh shuffle per epoch. It skips the pipeline's caching and
+    reports, which cost more than a few steps; `python minicca.py --pretrained --loss L --lam X
+    --cca-epochs E` runs the same recipe. Returns (model, history: statistics per step)."""
+    P = models.P
+    policy = copy.deepcopy(models.base).eval()  # eval: no dropout, so every gap is 0 at step 0
+    reference = copy.deepcopy(models.base).eval().requires_grad_(False)
+    matrices = [p for p in policy.parameters() if p.dim() >= 2]
+    others = [p for p in policy.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": 0.05}, {"params": others, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=P["cca_lr"], betas=(0.9, 0.95))
+    batch = P["batch_size"]
+    steps = max(math.ceil(epochs * len(tokens) / batch), 1)
+    generator = torch.Generator().manual_seed(seed)
+    order, history = torch.empty(0, dtype=torch.long), []
+    for _ in range(steps):
+        if len(order) < batch:  # a new epoch: a new permutation
+            order = torch.randperm(len(tokens), generator=generator)
+        rows, order = order[:batch], order[batch:]
+        value, stats = minicca.cca_step_loss(
+            policy, reference, tokens[rows].long(), labels[rows], loss, P["beta"], lam,
+            P["uncond_ratio"], P["collisions"], generator)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        history.append({"loss": value.item(), **stats})
+    return policy.eval(), history
+
+
+class Scorer:
+    """Scores a model as the pipeline's table does, with public minicca functions: `n` samples
+    with balanced labels drawn with a seed (sample_images), then accuracy, FID, IS, precision and
+    recall in the judge's features against the test images (evaluate). One seed gives every model
+    the same labels and random numbers, so differences between models are not blurred by sampling
+    noise; different seeds measure that noise."""
+
+    def __init__(self, models, n):
+        self.m, self.n = models, n
+        self.labels = minicca.balanced_labels(n, models.K)
+        self.real = minicca.classify(models.classifier, models.data["x_test"], DEVICE)[0]
+
+    def __call__(self, model, cfg_scale, seed=0):
+        m = self.m
+        images, sec = minicca.sample_images(model, m.tokenizer, self.labels, cfg_scale, m.grid,
+                                            m.P, DEVICE, seed)
+        scores = minicca.evaluate(images, self.labels, m.classifier, self.real, DEVICE)
+        return {**scores, "sec_per_image": sec}
+
+    def real_floor(self, seed=0):
+        """`n` real training images, balanced over classes, scored like samples: the best a
+        generator can reach at this sample count (even real data has an FID above 0)."""
+        rng = np.random.default_rng(seed)
+        y, K = self.m.data["y_train"], self.m.K
+        per_class = [rng.permutation(np.flatnonzero(y == c))[:self.n // K] for c in range(K)]
+        index = np.stack(per_class, 1).reshape(-1)  # interleaved: 0, 1, ..., K-1, 0, 1, ...
+        images = self.m.data["x_train"][index]
+        return minicca.evaluate(images, y[index], self.m.classifier, self.real, DEVICE)
+
+
+def mean_std(runs):
+    """[{metric: value}, ...] over seeds -> {metric: (mean, sample standard deviation)}."""
+    return {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs], ddof=1)))
+            for k in runs[0] if runs[0][k] is not None}
 
 # (end of shared setup)
 

@@ -1,31 +1,53 @@
 """The notebooks: each one runs from top to bottom without an error, in quick mode.
 
-nbclient executes an in-memory copy of every notebook in notebooks/ in a fresh python3 kernel, whose working
-directory is notebooks/ and whose environment is this process's plus MINICCA_QUICK=1 (the notebooks then draw
-fewer samples, sweep coarser grids and fine-tune for a few steps). Any exception in any cell fails the test, with
-the cell and its traceback. The committed files are never written: they keep the outputs of a full run, made with
-`jupyter nbconvert --to notebook --execute --inplace notebooks/<name>.ipynb`, and a test checks that they do.
-TMPDIR points into pytest's tmp_path, so whatever a notebook writes to temporary folders is cleaned up with it.
+nbclient executes an in-memory copy of every notebook in notebooks/ in a fresh python3 kernel,
+whose working directory is notebooks/ and whose environment is this process's plus MINICCA_QUICK=1
+(the notebooks then draw fewer samples and fine-tune for a few steps). Any exception in any cell,
+assertions included, fails the test, with the cell and its traceback. The committed files are
+never written: they keep the outputs of a full run, made with
+`jupyter nbconvert --to notebook --execute --inplace notebooks/<name>.ipynb`. Tests check that they
+do, and that those outputs were made with today's minicca.py: every notebook's first code cell
+prints `minicca.py sha256: <16 hex digits>` of the file it imported, and the committed value must
+equal the current file's hash. TMPDIR points into pytest's tmp_path, so whatever a notebook writes
+to temporary folders is cleaned up with it.
 """
+import hashlib
 import pathlib
+import re
 
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+REPO_DIR = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO_DIR / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 CELL_TIMEOUT = 600  # seconds per cell; in quick mode the slowest cell takes well under a minute
+FIRST_CELL = re.compile(r"quick mode: (True|False)\nminicca\.py sha256: ([0-9a-f]{16})\n")
+RERUN = ("re-run the notebooks in full: "
+         "jupyter nbconvert --to notebook --execute --inplace notebooks/<name>.ipynb")
 
 
 def stream_text(nb):
-    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                   if o.get("output_type") == "stream")
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs if o.get("output_type") == "stream")
+
+
+def first_cell_text(nb):
+    """What the first code cell printed on stdout (warnings on stderr do not count)."""
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    return "".join(o.get("text", "") for o in first.outputs
+                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
+
+
+def minicca_sha256():
+    return hashlib.sha256((REPO_DIR / "minicca.py").read_bytes()).hexdigest()[:16]
 
 
 def execute_quick(path, monkeypatch, tmp_path, **env):
-    """Run the notebook at `path` in quick mode; return the executed copy. The file itself must not change."""
+    """Run the notebook at `path` in quick mode; return the executed copy. The file must not
+    change."""
     committed = path.read_bytes()
     nb = nbformat.reads(committed.decode("utf-8"), as_version=4)
     for key, value in {"MINICCA_QUICK": "1", "TMPDIR": str(tmp_path), **env}.items():
@@ -38,19 +60,27 @@ def execute_quick(path, monkeypatch, tmp_path, **env):
 
 
 def test_the_notebooks_are_there():
-    assert {"00_tour.ipynb", "01_cfg_to_cca.ipynb", "02_tradeoff.ipynb"} <= {p.name for p in NOTEBOOKS}
+    expected = {"00_tour.ipynb", "01_cfg_to_cca.ipynb", "02_tradeoff.ipynb"}
+    assert expected <= {p.name for p in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_in_quick_mode(path, monkeypatch, tmp_path):
     nb = execute_quick(path, monkeypatch, tmp_path)
-    assert "quick mode: True" in stream_text(nb), "the kernel did not see MINICCA_QUICK=1"
+    printed = FIRST_CELL.fullmatch(first_cell_text(nb))
+    assert printed, (f"{path.name}: the first code cell must print exactly the lines 'quick mode: "
+                     f"...' and 'minicca.py sha256: ...', it printed {first_cell_text(nb)!r}")
+    assert printed.group(1) == "True", "the kernel did not see MINICCA_QUICK=1"
+    assert printed.group(2) == minicca_sha256(), \
+        f"{path.name} imported another minicca.py than the repository's"
 
 
 @pytest.mark.parametrize("name", ["00_tour.ipynb", "02_tradeoff.ipynb"])
 def test_notebook_trains_the_checkpoints_when_they_are_absent(name, monkeypatch, tmp_path):
-    """With no reference checkpoints, the notebook runs the pipeline first (the micro preset, in quick mode)."""
-    nb = execute_quick(NOTEBOOKS_DIR / name, monkeypatch, tmp_path, MINICCA_PRETRAINED=str(tmp_path / "absent"))
+    """With no reference checkpoints, the notebook runs the pipeline first (the micro preset, in
+    quick mode)."""
+    nb = execute_quick(NOTEBOOKS_DIR / name, monkeypatch, tmp_path,
+                       MINICCA_PRETRAINED=str(tmp_path / "absent"))
     assert "training them with --preset micro" in stream_text(nb)
 
 
@@ -59,7 +89,18 @@ def test_committed_outputs_come_from_one_full_run(path):
     nb = nbformat.read(str(path), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), \
-        f"{path.name}: not executed top to bottom in one kernel; rerun it with nbconvert --execute --inplace"
+        f"{path.name}: not executed top to bottom in one kernel; {RERUN}"
     errors = [f"{o.ename}: {o.evalue}" for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, f"{path.name} was saved with errors: {errors}"
     assert "quick mode: False" in stream_text(nb), f"{path.name} was saved from a quick run"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_outputs_come_from_todays_minicca(path):
+    """A change to minicca.py makes every notebook's saved outputs stale until they are re-run."""
+    nb = nbformat.read(str(path), as_version=4)
+    printed = FIRST_CELL.fullmatch(first_cell_text(nb))
+    assert printed, f"{path.name}: its saved first cell shows no 'minicca.py sha256: ...'; {RERUN}"
+    assert printed.group(2) == minicca_sha256(), (
+        f"{path.name}: its saved outputs were made with minicca.py sha256 {printed.group(2)}, "
+        f"but minicca.py is now {minicca_sha256()}; {RERUN}")
