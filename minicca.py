@@ -86,6 +86,9 @@ class VQConfig:
     codebook_size: int = 256   # the GPT's vocabulary
     code_dim: int = 32
     commitment: float = 0.25   # weight of the commitment term ||z_e - sg[e]||^2 only
+    l2_norm: bool = False      # look up by cosine: z_e and codes on the unit sphere (ViT-VQGAN,
+    #                            LlamaGen). train_tokenizer turns it on; False (plain VQ-VAE) is
+    #                            the default so that checkpoints saved before it load as trained
 
 
 class ResBlock(nn.Module):
@@ -121,23 +124,32 @@ class VQTokenizer(nn.Module):
             nn.ConvTranspose2d(c.hidden, c.hidden, 4, 2, 1), nn.ReLU(),
             nn.ConvTranspose2d(c.hidden, c.channels, 4, 2, 1))     # (B, C, H, W), linear:
         self.codebook = nn.Embedding(c.codebook_size, c.code_dim)  # a sigmoid would saturate
-        self.codebook = nn.Embedding(c.codebook_size, c.code_dim)  # it saturates)
+
+    def project(self, v):
+        """With l2_norm, vectors along dim 1 onto the unit sphere, where an encoder that grows or
+        drifts cannot leave the codes far behind; else v unchanged."""
+        return F.normalize(v, dim=1) if self.config.l2_norm else v
+
+    def codes(self):
+        """The codebook as lookup and quantize see it: (K, d)."""
+        return self.project(self.codebook.weight)
 
     def quantize(self, z_e):
         """(B, d, h, w) -> indices of the nearest codes (B, h, w)."""
         B, d, h, w = z_e.shape
-        flat = rearrange(z_e, "b d h w -> (b h w) d")
-        codes = self.codebook.weight                                         # (K, d)
+        flat = rearrange(self.project(z_e), "b d h w -> (b h w) d")
+        codes = self.codes()                                                 # (K, d)
         # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, for every (vector, code) pair: (B*h*w, K)
         dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)
         return rearrange(dist.argmin(1), "(b h w) -> b h w", b=B, h=h, w=w)
 
     def lookup(self, indices):
-        return rearrange(self.codebook(indices), "b h w d -> b d h w")
+        return rearrange(F.embedding(indices, self.codes()), "b h w d -> b d h w")
 
     def forward(self, images):
-        """images (B, C, H, W) in [0, 1] -> (reconstruction, vq loss, indices (B, h, w), z_e)."""
-        z_e = self.encoder(images)
+        """images (B, C, H, W) in [0, 1] -> (reconstruction, vq loss, indices (B, h, w), z_e), z_e
+        (B, d, h, w) as the quantizer sees it (on the sphere with l2_norm)."""
+        z_e = self.project(self.encoder(images))
         indices = self.quantize(z_e)
         z_q = self.lookup(indices)
         codebook, commitment = vq_losses(z_e, z_q)
@@ -364,13 +376,14 @@ def _reward_stats(gap_pos, gap_neg, flagged):
     """Diagnostics over the contrastive rows (all rows if every row is flagged), as detached 0-d
     tensors: masked means, so no host sync and no data-dependent shape (torch.compile-friendly)."""
     real = ~flagged
-    rows = torch.where(real.any(), real, torch.ones_like(real)).float()   # (B,) 1 = counted
+    rows = torch.where(real.any(), real, torch.ones_like(real))         # (B,) True = counted
     count = rows.sum()
     gp, gn = gap_pos.detach(), gap_neg.detach()
-    return {"reward_acc": ((gp > gn).float() * rows).sum() / count,
-            "margin": ((gp - gn) * rows).sum() / count,
-            "gap_pos": (gp * rows).sum() / count,
-            "gap_neg": (gn * rows).sum() / count}
+
+    def mean(x):  # where, not a product: an infinite gap in a row left out must not give NaN
+        return torch.where(rows, x, torch.zeros_like(x)).sum() / count
+    return {"reward_acc": mean((gp > gn).float()), "margin": mean(gp - gn),
+            "gap_pos": mean(gp), "gap_neg": mean(gn)}
 
 
 def cca_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta, lam, neg_as_pos=None,
@@ -525,6 +538,7 @@ PRESETS = {
 COMMON = dict(  # the same for every preset
     cond_dropout=0.1, cfg=2.0, temperature=1.0, top_k=None, top_p=None,
     loss="cca", beta=0.1, lam=10.0, uncond_ratio=0.1, collisions="positive", cca_epochs=1.0,
+    eval_seeds=3, precision=None,
     samples_per_class=10, sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0],
     sweep_lam=[1.0, 3.0, 10.0, 30.0, 100.0])
 
@@ -561,13 +575,16 @@ def batch_indices(n, batch_size, step, seed):
     return perm[i * batch_size:(i + 1) * batch_size]
 
 
-def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, device, seed, saves):
+def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, device, seed, saves,
+               precision=None):
     """The loop every stage shares (minGPT's Trainer.run): seed -> lr -> loss -> backward -> clip ->
     step -> log. batch_loss(step) -> (loss, stats dict); lr_at(step) -> learning rate.
 
     Each step reseeds torch from (seed, step), so a resumed run ends with the weights of an
     uninterrupted one (on CPU). `saves` (a Saves, see Plumbing) restores a --resume'd run, writes
-    the resumable checkpoint every --save-every steps and on Ctrl-C. Returns the history of logs.
+    the resumable checkpoint every --save-every steps and on Ctrl-C. precision: "bf16" runs the
+    forward pass under bf16 autocast, "fp32" does not, None picks (bf16 on CUDA). Returns the
+    history of logs.
     """
     start, history = saves.restore(name, model, optimizer, num_steps)
     bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=name,
@@ -578,7 +595,7 @@ def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, device, see
             torch.manual_seed(seed * 1_000_003 + step)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            with autocast(device):
+            with autocast(device, precision):
                 loss, stats = batch_loss(step)
             stats = {k: float(v) for k, v in stats.items()}  # the losses return 0-d tensors
             logged = across_ranks({"loss": loss.item(), **stats}, device)
@@ -602,19 +619,22 @@ def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, device, see
 def train_tokenizer(data, P, args, device, partial, config):
     """The VQ tokenizer's stage: reconstruction + VQ losses, Adam at a constant rate."""
     X = to_float(data["x_train"])                                         # (N, C, H, W), on CPU
-    vq_config = VQConfig(X.size(1), P["vq_hidden"], P["codebook_size"], P["code_dim"])
+    vq_config = VQConfig(X.size(1), P["vq_hidden"], P["codebook_size"], P["code_dim"],
+                         l2_norm=True)
     model = VQTokenizer(vq_config).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=P["vq_lr"])
     net = ddp(model)
 
     def batch_loss(step):
         x = X[batch_indices(len(X), P["vq_batch"], step, args.seed)]     # the global batch, on CPU
-        if step % 100 == 0:  # step 0: data-driven codebook init; then restart unused codes
-            with torch.no_grad():  # on the global batch, so that every rank makes the same restart
-                z_e = model.encoder(x.to(device))
-                used = torch.bincount(model.quantize(z_e).flatten(), minlength=P["codebook_size"])
-                dead = torch.ones_like(used, dtype=torch.bool) if step == 0 else used == 0
-                model.restart_codes(z_e, dead)
+        # Step 0: data-driven codebook init. Then every step (as Jukebox does), restart the codes
+        # this batch leaves unused: with restarts every 100 steps, CIFAR-10's usage fell from 98%
+        # to about 10% in between, codes left behind by the moving encoder
+        with torch.no_grad():  # on the global batch, so that every rank makes the same restart
+            z_e = model.encoder(x.to(device))
+            used = torch.bincount(model.quantize(z_e).flatten(), minlength=P["codebook_size"])
+            dead = torch.ones_like(used, dtype=torch.bool) if step == 0 else used == 0
+            model.restart_codes(z_e, dead)
         x = shard(x).to(device)                                           # this rank's rows
         recon, vq_loss, indices, _ = net(x)
         mse = F.mse_loss(recon.float(), x)
@@ -623,24 +643,8 @@ def train_tokenizer(data, P, args, device, partial, config):
 
     saves = saves_for("tokenizer", partial, config, device, args)
     history = train_loop("tokenizer", model, opt, P["vq_steps"], lambda step: P["vq_lr"],
-                         batch_loss, device, args.seed, saves)
+                         batch_loss, device, args.seed, saves, P.get("precision"))
     return {"model": model.state_dict(), "vq_config": asdict(model.config), "history": history}
-
-
-@torch.no_grad()
-def tokenizer_report(tokenizer, x_uint8, device, batch=1000):
-    """Test-set reconstruction MSE and PSNR (images in [0, 1]), codebook usage and perplexity."""
-    mse = 0.0
-    codes = []
-    for i in range(0, len(x_uint8), batch):
-        x = to_float(x_uint8[i:i + batch]).to(device)
-        idx = tokenizer.encode(x)
-        mse += F.mse_loss(tokenizer.decode(idx), x, reduction="sum").item()
-        codes.append(idx.cpu())
-    mse /= x_uint8.size
-    usage, perplexity = codebook_stats(torch.cat(codes), tokenizer.config.codebook_size)
-    psnr = 10 * math.log10(1 / max(mse, 1e-12))
-    return {"mse": mse, "psnr": psnr, "usage": usage, "perplexity": perplexity}
 
 
 @torch.no_grad()
@@ -676,7 +680,7 @@ def train_gpt(tokens, labels, num_classes, P, args, device, partial, config):
 
     saves = saves_for("pretrain", partial, config, device, args)
     history = train_loop("pretrain", model, opt, P["steps"], cosine_lr(P["lr"], P["steps"]),
-                         batch_loss, device, args.seed, saves)
+                         batch_loss, device, args.seed, saves, P.get("precision"))
     return {"model": model.state_dict(), "gpt_config": asdict(gpt_config), "history": history}
 
 
@@ -711,7 +715,7 @@ def finetune_cca(base, tokens, labels, P, args, device, partial, config):
 
     saves = saves_for("cca", partial, config, device, args)
     history = train_loop("cca", policy, opt, steps, lambda step: P["cca_lr"], batch_loss, device,
-                         args.seed, saves)
+                         args.seed, saves, P.get("precision"))
     return {"model": policy.state_dict(), "gpt_config": asdict(policy.config), "history": history}
 
 
@@ -719,25 +723,51 @@ def finetune_cca(base, tokens, labels, P, args, device, partial, config):
 # 7. Evaluation: a small classifier is the judge (Inception is not downloadable here, nor made for
 #    28x28 digits)
 
-class Classifier(nn.Module):
-    """A small CNN; its 128-d penultimate features play Inception's role for FID and
-    precision/recall."""
+class JudgeNet(nn.Module):
+    """The shipped reference judge, shaped like the fast CIFAR-10 networks (Page's ResNet-9,
+    Jordan's airbench) without residual branches: a conv stem, then three groups of conv -> 2x2
+    max-pool -> conv with widths w, 4w, 4w, each conv followed by batch norm and GELU; a global max
+    pool gives the 4w-d features (128-d at w = 32: Inception's role for FID and precision/recall)
+    and a linear head the logits. (B, C, H, W) in [0, 1] -> features (B, 4w) -> logits (B, K)."""
 
-    def __init__(self, channels, num_classes, width=32):
+    def __init__(self, channels, num_classes, width=32, stem=24):
         super().__init__()
-        w = width
-
-        def conv(i, o):
-            return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
-        self.features = nn.Sequential(
-            *conv(channels, w), *conv(w, w), nn.MaxPool2d(2),                  # (B, w, H/2, W/2)
-            *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),             # (B, 2w, H/4, W/4)
-            *conv(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),        # (B, 4w)
-            nn.Linear(4 * w, 128), nn.ReLU())                                  # (B, 128)
-        self.head = nn.Linear(128, num_classes)
+        self.config = {"channels": channels, "num_classes": num_classes, "width": width,
+                       "stem": stem}
+        layers, prev = conv_bn_gelu(channels, stem), stem
+        for w in (width, 4 * width, 4 * width):      # 32x32 -> 16 -> 8 -> 4 (28x28 -> 14 -> 7 -> 3)
+            conv, *norm = conv_bn_gelu(prev, w)
+            layers += [conv, nn.MaxPool2d(2), *norm, *conv_bn_gelu(w, w)]  # pool, then BN: cheaper
+            prev = w
+        self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.head = nn.Linear(prev, num_classes, bias=False)
 
     def forward(self, x):
         return self.head(self.features(x))
+
+
+def conv_bn_gelu(i, o):
+    return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.GELU()]
+
+
+JUDGES = {"mnist": os.path.join(HERE, "tiny_data", "judge_mnist.pt"),
+          "cifar10": os.path.join(HERE, "tiny_data", "judge_cifar10.pt")}
+
+
+def load_judge(name_or_path, device="cpu"):
+    """A shipped judge by name ("mnist", "cifar10": JUDGES) or a file from `python minicca.py
+    judge`: a JudgeNet in eval mode with float32 weights on `device`. judge.info holds how it was
+    made: classes, image_shape (H, W, C), test_accuracy (single view), test_accuracy_flip,
+    command, data (fingerprint), epochs, seconds, machine, date."""
+    path = JUDGES.get(name_or_path, name_or_path)
+    if not os.path.isfile(path):
+        raise UserError(f"no judge file {path} (make one: python minicca.py judge --dataset ...)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    judge = JudgeNet(**ckpt["config"])
+    judge.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in ckpt["model"].items()})
+    judge.info = ckpt["info"]
+    return judge.to(device).eval()
 
 
 @torch.no_grad()
@@ -817,7 +847,7 @@ def sample_images(model, tokenizer, labels, cfg_scale, grid, P, device, seed, ba
     images = []
     t0 = time.perf_counter()
     for i in range(0, len(labels), batch):
-        with autocast(device):
+        with autocast(device, P.get("precision")):
             tokens = generate(model, labels[i:i + batch], cfg_scale, P["temperature"], P["top_k"],
                               P["top_p"], generator=gen)                      # (b, h*w)
         grids = rearrange(tokens, "b (h w) -> b h w", h=grid[0], w=grid[1])  # raster order
@@ -831,8 +861,9 @@ class Judge:
     """Generates `eval_samples` balanced, seeded samples for a model and scores them with
     `evaluate`."""
 
-    def __init__(self, classifier, data, tokenizer, grid, P, device, seed):
+    def __init__(self, classifier, data, tokenizer, grid, P, device, seed, name="classifier"):
         self.clf = classifier
+        self.name = name
         self.data = data
         self.tok = tokenizer
         self.grid = grid
@@ -842,23 +873,63 @@ class Judge:
         self.real = classify(classifier, data["x_test"], device)[0]
         self.labels = balanced_labels(P["eval_samples"], len(data["classes"]), device)
 
-    def __call__(self, model, cfg_scale):
-        images, sec = sample_images(model, self.tok, self.labels, cfg_scale, self.grid, self.P,
-                                    self.device, self.seed)
-        scores = evaluate(images, self.labels, self.clf, self.real, self.device)
+    def __call__(self, model, cfg_scale, seed=None, n=None):
+        """One set of samples (seed, n: by default the run's seed and eval_samples) scored."""
+        seed = self.seed if seed is None else seed
+        K = len(self.data["classes"])
+        labels = self.labels if n is None else balanced_labels(n, K, self.device)
+        images, sec = sample_images(model, self.tok, labels, cfg_scale, self.grid, self.P,
+                                    self.device, seed)
+        scores = evaluate(images, labels, self.clf, self.real, self.device)
         return {**scores, "sec_per_image": sec}
 
-    def real_floor(self):
+    def row(self, model, cfg_scale):
+        """A table row: eval_seeds sets of samples (seeds seed, seed + 1, ...), mean and std."""
+        seeds = range(self.seed, self.seed + self.P.get("eval_seeds", 1))
+        return mean_and_std([self(model, cfg_scale, seed) for seed in seeds])
+
+    def real_row(self):
+        """The real floor, over as many draws of training images as a row has sets of samples."""
+        seeds = range(self.seed, self.seed + self.P.get("eval_seeds", 1))
+        return mean_and_std([self.real_floor(seed) for seed in seeds])
+
+    def real_floor(self, seed=None):
         """Real training images, scored like samples: the best a generator can hope for at this
         count. ceil(n / K) images per class, interleaved class by class."""
         n, y = self.P["eval_samples"], self.data["y_train"]
         K = len(self.data["classes"])
-        g = np.random.default_rng(self.seed)
+        g = np.random.default_rng(self.seed if seed is None else seed)
         per = [g.permutation(np.flatnonzero(y == c))[:math.ceil(n / K)] for c in range(K)]
         rounds = range(max(map(len, per)))
         idx = np.array([p[i] for i in rounds for p in per if i < len(p)], dtype=np.int64)[:n]
         scores = evaluate(self.data["x_train"][idx], y[idx], self.clf, self.real, self.device)
         return {**scores, "sec_per_image": None}
+
+
+def mean_and_std(runs):
+    """Scores of several sets of samples [{metric: value}] -> {metric: mean, metric_std: sample
+    standard deviation (ddof 1; None for a single set)}.
+
+    >>> mean_and_std([{"fid": 1.0}, {"fid": 2.0}, {"fid": 3.0}])
+    {'fid': 2.0, 'fid_std': 1.0}
+    """
+    out = {}
+    for metric in runs[0]:
+        values = [run[metric] for run in runs]
+        if values[0] is None:  # e.g. no sampling time for real images
+            out[metric] = None
+            out[f"{metric}_std"] = None
+            continue
+        out[metric] = float(np.mean(values))
+        out[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return out
+
+
+def best_cfg_scale(score, candidates):
+    """The CFG scale with the lowest FID among `candidates`, score(w) -> {"fid": ..., ...}.
+    Returns (best w, {w: fid})."""
+    fids = {w: score(w)["fid"] for w in candidates}
+    return min(fids, key=fids.get), fids
 
 
 # -------------------------------------------------------------------------------------------------
@@ -880,7 +951,7 @@ def run(args):
     if args.eval or args.sweep:
         judge = stage_judge(r, tokenizer)
     if args.eval:
-        stage_eval(r, judge, models)
+        stage_eval(r, judge, models, gk["id"])
     if args.sweep:
         run_sweep(judge, base, r.P, gk, tokens, r.y_train, args, r.device, r.path)
 
@@ -889,7 +960,8 @@ def stage_tokenizer(r):
     """1. The VQ tokenizer, with its test-set report and a reconstruction grid."""
     P = r.P
     keys = ["vq_hidden", "codebook_size", "code_dim", "vq_steps", "vq_batch", "vq_lr"]
-    config = {"data": r.reports["data_id"], "seed": r.args.seed, **{k: P[k] for k in keys}}
+    config = {"data": r.reports["data_id"], "seed": r.args.seed, **precision_key(P),
+              **{k: P[k] for k in keys}}
     build = functools.partial(train_tokenizer, r.data, P, r.args, r.device)
     tk = run_stage("tokenizer", r.path("tokenizer.pt"), config, build, r.args, r.device)
     tokenizer = VQTokenizer(VQConfig(**tk["vq_config"])).to(r.device).eval()
@@ -917,7 +989,8 @@ def stage_pretrain(r, tokenizer, tokens):
     """3. Pretraining with condition dropout; prints the size and bits per token."""
     P = r.P
     keys = ["n_layer", "n_head", "n_embd", "dropout", "steps", "batch_size", "lr", "cond_dropout"]
-    config = {"tokenizer": tokenizer.id, "seed": r.args.seed, **{k: P[k] for k in keys}}
+    config = {"tokenizer": tokenizer.id, "seed": r.args.seed, **precision_key(P),
+              **{k: P[k] for k in keys}}
     build = functools.partial(train_gpt, tokens["train"], r.y_train, r.K, P, r.args, r.device)
     gk = run_stage("pretrain", r.path("gpt.pt"), config, build, r.args, r.device)
     base = load_gpt(gk, r.device)
@@ -954,7 +1027,7 @@ def class_rows(r, model, tokenizer, cfg_scale):
 def stage_cca(P, gk, tokens, y_train, args, device, path):
     """5. The CCA fine-tune (or a baseline) of the pretrained model `gk`, cached by its settings."""
     keys = ["loss", "beta", "lam", "cca_epochs", "cca_lr", "uncond_ratio", "collisions"]
-    config = {"base": gk["id"], "seed": args.seed, **{k: P[k] for k in keys}}
+    config = {"base": gk["id"], "seed": args.seed, **precision_key(P), **{k: P[k] for k in keys}}
     base = load_gpt(gk, device)
     build = functools.partial(finetune_cca, base, tokens["train"], y_train, P, args, device)
     return run_stage("cca", path(cca_name(P) + ".pt"), config, build, args, device)
@@ -973,33 +1046,43 @@ def stage_compare(r, tuned, tokenizer, panels):
 
 
 def stage_judge(r, tokenizer):
-    """6. The judge classifier, trained on the real training images, and the Judge that scores."""
-    P = r.P
-    config = {"data": r.reports["data_id"], "seed": r.args.seed, "clf_width": P["clf_width"],
-              "clf_epochs": P["clf_epochs"]}
-    build = functools.partial(train_classifier, r.data, P, r.args, r.device)
-    ck = run_stage("classifier", r.path("classifier.pt"), config, build, r.args, r.device)
-    clf = Classifier(r.data["x_train"].shape[3], r.K, P["clf_width"]).to(r.device)
-    clf.load_state_dict(ck["model"])
-    clf.eval()
-    r.reports["classifier_accuracy"] = ck["test_accuracy"]
-    print(f"[classifier] test accuracy {ck['test_accuracy']:.2%}")
-    return Judge(clf, r.data, tokenizer, r.grid, P, r.device, r.args.seed)
+    """6. The judge: the shipped reference classifier of this dataset, so that every run on it
+    scores in one feature space, or (--judge train, and .npz data) one trained on this run's
+    training images; and the Judge that samples and scores with it."""
+    choice = r.args.judge or ("shipped" if shipped_judge(r) else "train")
+    if choice == "train":
+        clf, name = train_judge_here(r)
+    else:
+        path = choice if choice != "shipped" else shipped_judge(r) or no_shipped_judge(r)
+        clf = load_judge(path, r.device)
+        check_judge_fits(clf, r.data, path)
+        name = os.path.relpath(path, HERE) if path.startswith(HERE) else path
+        r.reports["classifier_accuracy"] = clf.info["test_accuracy"]
+        print(f"[judge] {name}: test accuracy {clf.info['test_accuracy']:.2%} (where it was "
+              f"made; see tiny_data/README.md)")
+    return Judge(clf, r.data, tokenizer, r.grid, r.P, r.device, r.args.seed, name)
 
 
-def stage_eval(r, judge, models):
-    """7. The table: real images, then every model without and with CFG (metrics.json)."""
+def stage_eval(r, judge, models, base_id):
+    """7. The table (metrics.json): real images, then every model without and with CFG, and the
+    base model at its best CFG scale, the paper's comparison for CCA without guidance."""
     P = r.P
-    rows = {"real (train images)": judge.real_floor()}
+    w_best = best_cfg_for(r, judge, models["base"], base_id)
+    rows = {"real (train images)": judge.real_row()}
     for name, model in models.items():
-        rows[f"{name}, no guidance"] = judge(model, 1.0)
-        rows[f"{name}, CFG {P['cfg']:g}"] = judge(model, P["cfg"])
-    print(f"\n[eval] {P['eval_samples']} samples per row, balanced over classes, seed "
-          f"{r.args.seed}; FID/IS/precision/recall in the classifier's features, against the "
+        rows[f"{name}, no guidance"] = judge.row(model, 1.0)
+        rows[f"{name}, CFG {P['cfg']:g}"] = judge.row(model, P["cfg"])
+        if name == "base":
+            rows[f"base, best CFG (w = {w_best:g})"] = judge.row(model, w_best)
+    seeds = f"seeds {r.args.seed}..{r.args.seed + P['eval_seeds'] - 1}, mean ± std"
+    print(f"\n[eval] {P['eval_samples']} samples per row and set, balanced over classes; "
+          f"{P['eval_seeds']} sets ({seeds if P['eval_seeds'] > 1 else f'seed {r.args.seed}'}); "
+          f"FID/IS/precision/recall in the features of the judge ({judge.name}), against the "
           f"{len(r.data['x_test'])} test images")
     print_table(rows)
     metrics = {"rows": rows, "settings": P, "seed": r.args.seed, "device": str(r.device),
-               "processes": WORLD, "classifier_accuracy": r.reports["classifier_accuracy"],
+               "processes": WORLD, "best_cfg": w_best, "judge": judge.name,
+               "classifier_accuracy": r.reports["classifier_accuracy"],
                "tokenizer": r.reports["tokenizer"]}
     write_json(metrics, r.path("metrics.json"))
     print(f"[eval] wrote {r.path('metrics.json')}")
@@ -1007,14 +1090,15 @@ def stage_eval(r, judge, models):
 
 def run_sweep(judge, base, P, gk, tokens, y_train, args, device, path):
     """The paper's Fig. 4 at our scale: CFG scale on the base model against λ of CCA fine-tunes."""
-    res = {"cfg": [], "lam": [], "settings": P, "seed": args.seed}
+    res = {"cfg": [], "lam": [], "settings": P, "seed": args.seed, "base": gk["id"],
+           "judge": judge.name}
     for w in P["sweep_cfg"]:
-        res["cfg"].append({"cfg": w, **judge(base, w)})
+        res["cfg"].append({"cfg": w, **judge.row(base, w)})
         print(f"[sweep] base CFG {w:g}: " + scores_line(res["cfg"][-1]))
     for lam in P["sweep_lam"]:
         tuned = load_gpt(stage_cca({**P, "lam": lam}, gk, tokens, y_train, args, device, path),
                          device)
-        res["lam"].append({"lam": lam, **judge(tuned, 1.0)})
+        res["lam"].append({"lam": lam, **judge.row(tuned, 1.0)})
         print(f"[sweep] CCA λ {lam:g}: " + scores_line(res["lam"][-1]))
     write_json(res, path("sweep.json"))
     print_table({**{f"base, CFG {p['cfg']:g}": p for p in res["cfg"]},
@@ -1025,7 +1109,7 @@ def run_sweep(judge, base, P, gk, tokens, y_train, args, device, path):
 
 
 def scores_line(scores):
-    return ", ".join(f"{k} {v:.3g}" for k, v in scores.items())
+    return ", ".join(f"{k} {v:.3g}" for k, v in scores.items() if not k.endswith("_std"))
 
 
 def cca_name(P):
@@ -1127,6 +1211,7 @@ def settings(args, device):
     then checked: one line per rule, the first one broken is the error."""
     P = {**COMMON, **PRESETS[args.preset or ("cpu" if device.type == "cpu" else "gpu")]}
     P.update({k: v for k, v in vars(args).items() if k in P and v is not None})
+    P["precision"] = resolve_precision(P["precision"], device)
     checks = [
         ("beta", P["beta"] > 0, "> 0"),
         ("lam", P["lam"] >= 0, ">= 0"),
@@ -1142,6 +1227,7 @@ def settings(args, device):
         ("cca-epochs", P["cca_epochs"] > 0, "> 0"),
         ("clf-epochs", P["clf_epochs"] > 0, "> 0"),
         ("eval-samples", P["eval_samples"] > 0, "> 0"),
+        ("eval-seeds", P["eval_seeds"] > 0, "> 0"),
         ("samples-per-class", P["samples_per_class"] > 0, "> 0"),
         ("lr", P["lr"] > 0, "> 0"),
         ("cca-lr", P["cca_lr"] > 0, "> 0"),
@@ -1192,6 +1278,12 @@ def validate_arrays(arrays, source):
     low = int(min(out["y_train"].min(), out["y_test"].min()))
     if low < 0 or top >= len(classes):
         raise UserError(f"{source}: labels must lie in 0..{len(classes) - 1}, found {low}..{top}")
+    counts = np.bincount(out["y_train"], minlength=len(classes))
+    empty = [classes[c] for c in np.flatnonzero(counts == 0)]
+    if empty:  # a class the model never sees would still get a row, a null embedding, a score
+        named = ", ".join(empty) if len(empty) <= 12 else ", ".join(empty[:10]) + ", ..."
+        raise UserError(f"{source}: {len(empty)} of {len(classes)} classes have no training "
+                        f"images ({named}); relabel to 0..K-1 or drop them from `classes`")
     out["classes"] = classes
     return out
 
@@ -1382,11 +1474,87 @@ def rank0_only(write):
     return maybe_write
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device, precision=None):
+    """--precision bf16: autocast (matmuls and convolutions in bfloat16, losses and softmax in
+    float32), on CUDA or the CPU; fp32: full precision. None: bf16 on CUDA, fp32 elsewhere."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def precision_key(P):
+    """A stage trained in bf16 records it (fp32 checkpoints keep the configs they always had)."""
+    precision = P.get("precision") or "fp32"
+    return {} if precision == "fp32" else {"precision": precision}
+
+
+def resolve_precision(precision, device):
+    if precision is None:
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+# The reference judges: `python minicca.py judge` trains one and stores it for load_judge
+
+def make_judge(args):
+    """python minicca.py judge --dataset D: train a JudgeNet (train_judge) on D's training images,
+    measure it on D's test images, store it with float16 weights and its metadata (load_judge reads
+    both), default tiny_data/judge_<name>.pt, and print the test accuracy."""
+    device = pick_device(args.device)
+    data = load_dataset(args.dataset, args.data_root)
+    out = args.out or os.path.join(HERE, "tiny_data", f"judge_{dataset_name(args.dataset)}.pt")
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    H, W, C = data["x_train"].shape[1:]
+    epochs = args.judge_epochs or JUDGE_EPOCHS.get(C, JUDGE_EPOCHS[3])
+    print(f"minicca judge: {len(data['x_train'])} train / {len(data['x_test'])} test images "
+          f"{H}x{W}x{C}, {len(data['classes'])} classes; {epochs:g} epochs on {device}; out {out}")
+    t0 = time.time()
+    judge = train_judge(data, epochs, args.seed, device).cpu().float()
+    seconds = time.time() - t0
+    half = {k: v.half() if v.is_floating_point() else v for k, v in judge.state_dict().items()}
+    judge.load_state_dict(half)  # measure the weights that are shipped: float16, rounded
+    single, flip = judge_accuracy(judge, data, torch.device("cpu"))
+    info = {"classes": [str(c) for c in data["classes"]], "image_shape": [H, W, C],
+            "test_accuracy": single, "test_accuracy_flip": flip, "epochs": epochs,
+            "seed": args.seed, "data": fingerprint(data), "command": args.command_line,
+            "seconds": seconds, "machine": machine(device),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    save_checkpoint({"model": half, "config": judge.config, "info": info}, out)
+    print(f"[judge] test accuracy {single:.2%} single view (what classify and evaluate use)"
+          + (f", {flip:.2%} with flip averaging" if flip is not None else "")
+          + f"; trained in {seconds / 60:.1f} min; wrote {out} "
+          f"({os.path.getsize(out) / 2**10:.0f} KiB)")
+
+
+def machine(device):
+    """A one-line description of where something was measured: CPU model and threads, or the GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+
+
+# Reports
+
+@torch.no_grad()
+def tokenizer_report(tokenizer, x_uint8, device, batch=1000):
+    """Test-set reconstruction MSE and PSNR (images in [0, 1]), codebook usage and perplexity."""
+    mse = 0.0
+    codes = []
+    for i in range(0, len(x_uint8), batch):
+        x = to_float(x_uint8[i:i + batch]).to(device)
+        idx = tokenizer.encode(x)
+        mse += F.mse_loss(tokenizer.decode(idx), x, reduction="sum").item()
+        codes.append(idx.cpu())
+    mse /= x_uint8.size
+    usage, perplexity = codebook_stats(torch.cat(codes), tokenizer.config.codebook_size)
+    psnr = 10 * math.log10(1 / max(mse, 1e-12))
+    return {"mse": mse, "psnr": psnr, "usage": usage, "perplexity": perplexity}
 
 
 # Checkpoints and resume
@@ -1510,7 +1678,7 @@ def export_pretrained(run_dir, dest=PRETRAINED):
     starts from them."""
     os.makedirs(dest, exist_ok=True)
     cca_file = cca_name({**COMMON, **PRESETS["cpu"]}) + ".pt"
-    for f in ["tokenizer.pt", "gpt.pt", cca_file, "classifier.pt"]:
+    for f in ["tokenizer.pt", "gpt.pt", cca_file]:  # the judge is shipped on its own
         ckpt = load_checkpoint(os.path.join(run_dir, f))
         ckpt["model"] = {k: v.half() if v.is_floating_point() else v
                          for k, v in ckpt["model"].items()}
@@ -1520,7 +1688,162 @@ def export_pretrained(run_dir, dest=PRETRAINED):
 
 
 
-# Training the per-run judge (any fixed classifier works; .npz datasets train their own)
+# Training the reference judges (python minicca.py judge): any fixed, accurate classifier
+# would do; this recipe follows the fast CIFAR-10 ones
+
+JUDGE_EPOCHS = {1: 2.0, 3: 10.0}  # by channels: digits need few passes (see tiny_data/README.md)
+
+
+def train_judge(data, epochs=None, seed=0, device="cpu", width=32, batch=256, lr=0.2):
+    """The reference judge's recipe, after the fast CIFAR-10 recipes (Page; Jordan): SGD with
+    Nesterov momentum 0.9, batch 256, learning rate warmed up linearly over the first fifth of the
+    steps then decayed linearly to 0, weight decay 5e-4 (weights only), label smoothing 0.2, each
+    image shifted by up to 4 pixels (2 for one-channel images) with reflect padding, and flipped
+    left-right for RGB only (digits must not be flipped). data: load_dataset's dict; epochs:
+    passes over x_train (default JUDGE_EPOCHS by channel count). Returns the net in eval mode."""
+    torch.manual_seed(seed)
+    device = torch.device(device)
+    X, Y = to_float(data["x_train"]), torch.from_numpy(data["y_train"])
+    C = X.size(1)
+    epochs = epochs or JUDGE_EPOCHS.get(C, JUDGE_EPOCHS[3])
+    fast = torch.channels_last  # measured on CPU: about 1.5x faster than NCHW here
+    model = JudgeNet(C, len(data["classes"]), width).to(device, memory_format=fast)
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    rest = [p for p in model.parameters() if p.dim() <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest}], lr=lr,
+                          momentum=0.9, nesterov=True, weight_decay=0.0)
+    B = min(batch, len(X))
+    steps = max(round(epochs * (len(X) // B)), 1)
+    model.train()
+    for step in tqdm(range(steps), desc="judge", dynamic_ncols=True, mininterval=5):
+        idx = batch_indices(len(X), B, step, seed)
+        x = random_shift(X[idx], pad=4 if C == 3 else 2)
+        if C == 3:
+            x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(3), x)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1, (step + 1) / (0.2 * steps), (steps - step) / (0.8 * steps))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_is_fast(device)):
+            logits = model(x.to(device, memory_format=fast))
+        loss = F.cross_entropy(logits.float(), Y[idx].to(device), label_smoothing=0.2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def random_shift(x, pad):
+    """(B, C, H, W) -> the same shape, each image shifted by its own offset in [-pad, pad]^2
+    (reflect padding)."""
+    B, C, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, B))
+    rows = (dy[:, None] + torch.arange(H))[:, None, :, None]                    # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W))[:, None, None, :]                    # (B, 1, 1, W)
+    return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None],
+                  rows, cols]
+
+
+def bf16_is_fast(device):
+    """bf16 autocast where the hardware does bf16 math: CUDA, and CPUs with AVX-512 BF16 / AMX
+    (there about 3x faster for the judge's convolutions; elsewhere emulated, slower)."""
+    if device.type == "cuda":
+        return True
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return device.type == "cpu" and check is not None and check()
+
+
+def judge_accuracy(judge, data, device):
+    """Test accuracy of a judge, single view (what classify and evaluate see) and averaged over the
+    image and its mirror (flip test-time averaging; RGB only, None for one channel)."""
+    y = torch.from_numpy(data["y_test"])
+    probs = classify(judge, data["x_test"], device)[1]
+    single = probs.argmax(1).eq(y).float().mean().item()
+    if data["x_test"].shape[3] != 3:
+        return single, None
+    mirrored = classify(judge, to_float(data["x_test"]).flip(3), device)[1]
+    return single, (probs + mirrored).argmax(1).eq(y).float().mean().item()
+
+
+# Which judge scores a run, and training a per-run judge (.npz datasets, --judge train)
+
+def best_cfg_for(r, judge, base, base_id):
+    """The base model's CFG scale with the lowest FID among the sweep's scales (w > 1): read from
+    sweep.json when a sweep of this base model and judge is there, else a quick search with half
+    the samples and one seed."""
+    candidates = [w for w in r.P["sweep_cfg"] if w > 1]
+    if os.path.exists(r.path("sweep.json")):
+        with open(r.path("sweep.json")) as f:
+            sweep = json.load(f)
+        done = {p["cfg"]: p for p in sweep["cfg"] if p["cfg"] in candidates}
+        if sweep.get("base") == base_id and sweep.get("judge") == judge.name and done:
+            return best_cfg_scale(lambda w: done[w], list(done))[0]
+    n = max(r.P["eval_samples"] // 2, 2 * r.K)
+    w, fids = best_cfg_scale(lambda w: judge(base, w, n=n), candidates)
+    print(f"[eval] best CFG scale by FID ({n} samples): w = {w:g} ("
+          + ", ".join(f"{c:g}: {fid:.3g}" for c, fid in fids.items()) + ")")
+    return w
+
+
+class Classifier(nn.Module):
+    """A small CNN; its 128-d penultimate features play Inception's role for FID and
+    precision/recall."""
+
+    def __init__(self, channels, num_classes, width=32):
+        super().__init__()
+        w = width
+
+        def conv(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        self.features = nn.Sequential(
+            *conv(channels, w), *conv(w, w), nn.MaxPool2d(2),                  # (B, w, H/2, W/2)
+            *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),             # (B, 2w, H/4, W/4)
+            *conv(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),        # (B, 4w)
+            nn.Linear(4 * w, 128), nn.ReLU())                                  # (B, 128)
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def shipped_judge(r):
+    """The shipped judge's file for this run's data, or None: MNIST's for mnist and the tiny subset,
+    CIFAR-10's for cifar10 (an .npz named mnist.npz or cifar10.npz counts as that dataset)."""
+    name = dataset_name(r.args.dataset)
+    path = JUDGES.get("mnist" if name == "tiny" else name)
+    return path if path is not None and os.path.exists(path) else None
+
+
+def no_shipped_judge(r):
+    raise UserError(f"--judge shipped: there is no shipped judge for "
+                    f"{dataset_name(r.args.dataset)!r} (shipped: {', '.join(JUDGES)}); use "
+                    f"--judge train or --judge path/to/judge.pt")
+
+
+def check_judge_fits(judge, data, path):
+    """A judge scores images of its own shape and classes only."""
+    shape = tuple(data["x_train"].shape[1:])
+    wanted = (tuple(judge.info["image_shape"]), len(judge.info["classes"]))
+    if wanted != (shape, len(data["classes"])):
+        raise UserError(f"the judge {path} was made for {wanted[1]} classes of {wanted[0]} images, "
+                        f"this data has {len(data['classes'])} classes of {shape} images: use "
+                        f"--judge train")
+
+
+def train_judge_here(r):
+    """--judge train: a classifier trained on this run's training images, cached in --out."""
+    P = r.P
+    config = {"data": r.reports["data_id"], "seed": r.args.seed, "clf_width": P["clf_width"],
+              "clf_epochs": P["clf_epochs"], **precision_key(P)}
+    build = functools.partial(train_classifier, r.data, P, r.args, r.device)
+    ck = run_stage("classifier", r.path("classifier.pt"), config, build, r.args, r.device)
+    clf = Classifier(r.data["x_train"].shape[3], r.K, P["clf_width"]).to(r.device)
+    clf.load_state_dict(ck["model"])
+    clf.eval()
+    r.reports["classifier_accuracy"] = ck["test_accuracy"]
+    print(f"[classifier] test accuracy {ck['test_accuracy']:.2%}")
+    return clf, "trained here (classifier.pt)"
+
+
 
 def train_classifier(data, P, args, device, partial, config):
     """The per-run judge: AdamW with a cosine schedule; random crops and flips for RGB images."""
@@ -1544,7 +1867,7 @@ def train_classifier(data, P, args, device, partial, config):
     model.train()
     saves = saves_for("classifier", partial, config, device, args)
     history = train_loop("classifier", model, opt, steps, cosine_lr(2e-3, steps), batch_loss,
-                         device, args.seed, saves)
+                         device, args.seed, saves, P.get("precision"))
     model.eval()
     probs = classify(model, data["x_test"], device)[1]
     accuracy = probs.argmax(1).eq(torch.from_numpy(data["y_test"])).float().mean().item()
@@ -1621,19 +1944,20 @@ def print_table(rows):
     print("| setting | " + " | ".join(cols) + " |")
     print("|---" + "|---:" * len(cols) + "|")
     for name, row in rows.items():
-        cells = [format_metric(col, row.get(col)) for col in cols]
+        cells = [format_metric(col, row.get(col), row.get(f"{col}_std")) for col in cols]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def format_metric(col, value):
-    """Three decimals; FID with three significant digits; seconds in scientific notation."""
+def format_metric(col, value, std=None):
+    """Three decimals; FID with three significant digits; seconds in scientific notation (the
+    mean only); ± the standard deviation over sets of samples when there is one."""
     if value is None:
         return "-"
     if col == "sec_per_image":
         return f"{value:.2e}"
     if col == "fid":
-        return f"{value:.3g}"
-    return f"{value:.3f}"
+        return f"{value:.3g}" + ("" if std is None else f" ± {std:.2g}")
+    return f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
 
 
 # The benchmark: speed claims measured side by side in one run (ratios, not timed tests)
@@ -1728,7 +2052,7 @@ def bench_sampling(model, w, P, device):
         batches = [16, 64, 256] if device.type == "cpu" else [64, 256, 1024]
     gf, cfg, gf2 = {}, {}, {}
     for B in batches:
-        with autocast(device):
+        with autocast(device, P["precision"]):
             cfg[B] = B / timed(sampler(model, B, w, device), device)
             gf[B] = B / timed(sampler(model, B, 1.0, device), device)
             gf2[B] = 2 * B / timed(sampler(model, 2 * B, 1.0, device), device)
@@ -1737,7 +2061,7 @@ def bench_sampling(model, w, P, device):
               f"{gf2[B] / cfg[B]:.2f}x")
     last = batches[-1]
     B = batches[1]
-    with autocast(device):
+    with autocast(device, P["precision"]):
         recompute = timed(sampler(model, B, 1.0, device, cache=False), device, 1)
         cached = timed(sampler(model, B, 1.0, device), device, 1)
     return {"equal_rows": gf2[last] / cfg[last],
@@ -1756,7 +2080,7 @@ def bench_training(model, P, device, B, w):
     opt = adamw(policy, 1e-5, 0.0)
 
     def train_step(cca):
-        with autocast(device):
+        with autocast(device, P["precision"]):
             if cca:
                 loss = cca_step_loss(policy, reference, tokens, labels)[0]
             else:
@@ -1833,18 +2157,24 @@ def parse_args(argv=None):
                     "skipped when up to date. Flags left unset take their value from --preset.",
         epilog="Several GPUs: torchrun --standalone --nproc_per_node=N minicca.py [flags] trains "
                "every stage with DDP (NCCL; Gloo on CPU); --batch-size is then the global batch.")
-    p.add_argument("command", nargs="?", default="run", choices=["run", "bench"],
-                   help="run: the pipeline; bench: sampling and training speed ratios")
+    p.add_argument("command", nargs="?", default="run", choices=["run", "bench", "judge"],
+                   help="run: the pipeline; bench: sampling and training speed ratios; "
+                   "judge: train the reference judge of --dataset (writes --out, default "
+                   "tiny_data/judge_<dataset>.pt)")
     g = p.add_argument_group("run")
     g.add_argument("--dataset", default=None, help="mnist | cifar10 | path/to/data.npz "
                    "(default: the MNIST subset in tiny_data/, offline)")
     g.add_argument("--data-root", default="data",
                    help="where torchvision's MNIST/CIFAR10 files are or go")
-    g.add_argument("--out", default=None, help="output folder (default runs/<dataset>)")
+    g.add_argument("--out", default=None, help="output folder (default runs/<dataset>); for "
+                   "the judge command, the judge file")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="micro (tests), cpu (a laptop), gpu (one GPU); default: cpu on a CPU, "
                    "gpu otherwise")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="bf16: autocast in training and sampling (default on CUDA); fp32: full "
+                   "precision (default elsewhere); bf16 on a CPU runs the GPU path's arithmetic")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--retrain", action="append", default=[], choices=list(REDO),
                    help="redo this stage and those after it even if its checkpoint is up to date")
@@ -1902,14 +2232,26 @@ def parse_args(argv=None):
                    help="train the judge classifier and print the table (metrics.json)")
     g.add_argument("--eval-samples", type=int,
                    help="samples per table row, balanced over classes (preset)")
-    g.add_argument("--clf-epochs", type=float, help="judge classifier epochs (preset)")
+    g.add_argument("--clf-epochs", type=float,
+                   help="epochs of a judge trained here (--judge train) (preset)")
+    g.add_argument("--judge", default=None, metavar="shipped|train|PATH.pt",
+                   help="the classifier that scores: shipped (the reference judge in tiny_data/, "
+                   "one feature space for every run on mnist, cifar10 and the tiny subset), "
+                   "train (one trained on this run's data), or a judge file (default: shipped "
+                   "where there is one, else train)")
+    g.add_argument("--eval-seeds", type=int, help="sets of samples per table row (different "
+                   "sampling seeds, same models): the table shows mean ± std (3)")
     g.add_argument("--sweep", action="store_true",
                    help="CFG-scale sweep and λ sweep (sweep.json, sweep.png)")
     g.add_argument("--sweep-cfg", type=float, nargs="+",
                    help="CFG scales of the sweep (default: the preset's)")
     g.add_argument("--sweep-lam", type=float, nargs="+",
                    help="λ values of the sweep, one fine-tune each")
+    g = p.add_argument_group("judge command")
+    g.add_argument("--judge-epochs", type=float, help=f"epochs of the reference judge (default: "
+                   f"{JUDGE_EPOCHS[1]:g} for one-channel images, {JUDGE_EPOCHS[3]:g} for RGB)")
     args = p.parse_args(argv)
+    args.command_line = " ".join(["python minicca.py", *(sys.argv[1:] if argv is None else argv)])
     args.redo = sorted({s for r in args.retrain for s in REDO[r]})
     return args
 
@@ -1919,6 +2261,8 @@ def main(argv=None):
     try:
         if args.command == "bench":
             bench(args)
+        elif args.command == "judge":
+            make_judge(args)
         else:
             run(args)
     except UserError as e:

@@ -1,5 +1,5 @@
 """CCA on real tokens: a short fine-tune of the shipped base model makes guidance-free samples more
-class-consistent, as judged by the shipped classifier (the real metrics live in the evaluation tests)."""
+class-consistent, as judged by the shipped judge (the real metrics live in the evaluation tests)."""
 import os
 from types import SimpleNamespace
 
@@ -21,8 +21,7 @@ def test_short_cca_finetune_makes_guidance_free_samples_more_class_consistent(tm
     tokenizer.load_state_dict(tk["model"])
     tokenizer.eval()
     base = minicca.load_gpt(load("gpt.pt"), torch.device("cpu"))
-    clf = minicca.Classifier(1, 10, P["clf_width"])
-    clf.load_state_dict(load("classifier.pt")["model"])
+    clf = minicca.load_judge("mnist")  # the shipped reference judge
 
     tokens = minicca.encode_all(tokenizer, data["x_train"], "cpu")                      # real tokens (N, 49)
     args = SimpleNamespace(seed=0, resume=False, save_every=0, redo=[])

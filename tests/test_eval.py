@@ -449,3 +449,39 @@ def test_judge_real_floor_with_a_class_scarce_or_absent_in_the_training_split(cl
     judge = minicca.Judge(clf, skewed, None, (7, 7), {"eval_samples": 100}, CPU, seed=0)
     judge.real_floor()
     assert np.array_equal(np.bincount(seen[-1], minlength=10), [keep] + [10] * 9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# error bars and the best CFG scale
+
+def test_mean_and_std_over_sets_of_samples():
+    runs = [{"fid": 1.0, "accuracy": 0.5, "sec_per_image": None},
+            {"fid": 3.0, "accuracy": 0.7, "sec_per_image": None}]
+    m = minicca.mean_and_std(runs)
+    assert m["fid"] == 2.0 and m["fid_std"] == pytest.approx(math.sqrt(2))  # sample std (ddof 1)
+    assert m["accuracy"] == pytest.approx(0.6) and m["accuracy_std"] == pytest.approx(math.sqrt(0.02))
+    assert m["sec_per_image"] is None and m["sec_per_image_std"] is None
+    one = minicca.mean_and_std(runs[:1])
+    assert one["fid"] == 1.0 and one["fid_std"] is None  # one set: its value, no spread
+
+
+def test_best_cfg_scale_picks_the_lowest_fid_among_the_candidates():
+    fids = {1.25: 3.1, 1.5: 2.2, 2.0: 1.9, 3.0: 2.5, 4.0: 4.0}
+    asked = []
+
+    def score(w):
+        asked.append(w)
+        return {"fid": fids[w], "accuracy": 0.9}
+    w, seen = minicca.best_cfg_scale(score, list(fids))
+    assert w == 2.0 and seen == fids and asked == list(fids)
+    assert minicca.best_cfg_scale(score, [1.25, 3.0])[0] == 3.0  # only among the candidates
+    assert minicca.best_cfg_scale(lambda w: {"fid": 1.0}, [4.0])[0] == 4.0
+
+
+def test_print_table_shows_mean_and_std(capsys):
+    minicca.print_table({"a": {"accuracy": 0.91234, "accuracy_std": 0.0123, "fid": 1.2345,
+                               "fid_std": 0.0912, "sec_per_image": 0.002, "sec_per_image_std": 0.001},
+                         "b": {"accuracy": 0.5, "fid": 7.0}})
+    out = capsys.readouterr().out
+    assert "| a | 0.912 ± 0.012 | 1.23 ± 0.091 | - | - | - | 2.00e-03 |" in out
+    assert "| b | 0.500 | 7 | - | - | - | - |" in out
