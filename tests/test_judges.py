@@ -1,0 +1,59 @@
+"""The shipped reference judges (tiny_data/judge_*.pt) and the `judge` command that makes them.
+
+The full test accuracies are measured by `python minicca.py judge` and stated in
+tiny_data/README.md; here: the files load with weights_only=True, the MNIST judge still classifies
+the tiny subset's test digits, the CIFAR-10 judge maps 32x32 RGB images to 10-way probabilities,
+and the command writes a loadable judge (on a small synthetic .npz, one epoch).
+"""
+import numpy as np
+import pytest
+import torch
+
+import minicca
+
+
+@pytest.mark.parametrize("name, shape, classes", [("mnist", [28, 28, 1], 10),
+                                                   ("cifar10", [32, 32, 3], 10)])
+def test_shipped_judge_loads_with_weights_only(name, shape, classes):
+    ckpt = torch.load(minicca.JUDGES[name], map_location="cpu", weights_only=True)
+    assert ckpt["info"]["image_shape"] == shape
+    judge = minicca.load_judge(name)
+    assert not judge.training
+    assert all(p.dtype == torch.float32 for p in judge.parameters())
+    assert len(judge.info["classes"]) == classes
+    assert judge.info["command"].startswith("python minicca.py judge --dataset ")
+
+
+def test_mnist_judge_on_the_tiny_subset():
+    data = minicca.load_dataset(None)
+    features, probs = minicca.classify(minicca.load_judge("mnist"), data["x_test"], "cpu")
+    assert features.shape == (len(data["x_test"]), 128)
+    accuracy = probs.argmax(1).eq(torch.from_numpy(data["y_test"])).float().mean().item()
+    assert accuracy >= 0.99, accuracy
+
+
+def test_cifar10_judge_gives_10_way_probabilities():
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    features, probs = minicca.classify(minicca.load_judge("cifar10"), images, "cpu")
+    assert features.shape == (6, 128)
+    assert probs.shape == (6, 10)
+    assert (probs >= 0).all()
+    assert torch.allclose(probs.sum(1), torch.ones(6), atol=1e-5)
+
+
+def test_judge_command_writes_a_loadable_judge(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "blobs.npz"
+    images = rng.integers(0, 256, (94, 16, 16, 3), dtype=np.uint8)
+    np.savez(npz, x_train=images[:64], y_train=np.arange(64) % 3, x_test=images[64:],
+             y_test=np.arange(30) % 3, classes=np.array(["a", "b", "c"]))
+    out = tmp_path / "judge.pt"
+    minicca.main(["judge", "--dataset", str(npz), "--judge-epochs", "1", "--out", str(out)])
+    judge = minicca.load_judge(str(out))
+    assert judge.info["classes"] == ["a", "b", "c"]
+    assert judge.info["image_shape"] == [16, 16, 3]
+    assert 0 <= judge.info["test_accuracy"] <= 1
+    assert "--judge-epochs 1" in judge.info["command"]
+    probs = minicca.classify(judge, torch.rand(4, 3, 16, 16), "cpu")[1]
+    assert probs.shape == (4, 3)
+    assert "[judge] test accuracy" in capsys.readouterr().out
