@@ -767,22 +767,26 @@ def load_judge(name_or_path, device="cpu"):
     judge.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in ckpt["model"].items()})
     judge.info = ckpt["info"]
+    judge.flip_average = judge.info.get("test_accuracy_flip") is not None  # RGB: mirror too
     return judge.to(device).eval()
 
 
 @torch.no_grad()
 def classify(classifier, images, device, batch=500):
     """uint8 NHWC numpy or float (B, C, H, W) tensor -> (features (B, 128), probabilities (B, K)),
-    on CPU."""
+    on CPU. A classifier with `flip_average` (the shipped RGB judges) sees each image and its
+    mirror and averages both (flip test-time averaging, as the fast CIFAR-10 recipes do)."""
     classifier.eval()
     feats = []
     probs = []
     for i in range(0, len(images), batch):
         x = images[i:i + batch]
         x = (to_float(x) if isinstance(x, np.ndarray) else x).to(device)
-        f = classifier.features(x)
-        feats.append(f.float().cpu())
-        probs.append(F.softmax(classifier.head(f).float(), -1).cpu())
+        views = [x, x.flip(3)] if getattr(classifier, "flip_average", False) else [x]
+        f = [classifier.features(v).float() for v in views]
+        p = [F.softmax(classifier.head(fv).float(), -1) for fv in f]
+        feats.append((sum(f) / len(f)).cpu())
+        probs.append((sum(p) / len(p)).cpu())
     return torch.cat(feats), torch.cat(probs)
 
 
@@ -1057,9 +1061,11 @@ def stage_judge(r, tokenizer):
         clf = load_judge(path, r.device)
         check_judge_fits(clf, r.data, path)
         name = os.path.relpath(path, HERE) if path.startswith(HERE) else path
-        r.reports["classifier_accuracy"] = clf.info["test_accuracy"]
-        print(f"[judge] {name}: test accuracy {clf.info['test_accuracy']:.2%} (where it was "
-              f"made; see tiny_data/README.md)")
+        accuracy = clf.info["test_accuracy_flip" if clf.flip_average else "test_accuracy"]
+        r.reports["classifier_accuracy"] = accuracy
+        views = " with flip averaging" if clf.flip_average else ""
+        print(f"[judge] {name}: test accuracy {accuracy:.2%}{views} (where it was made; see "
+              f"tiny_data/README.md)")
     return Judge(clf, r.data, tokenizer, r.grid, r.P, r.device, r.args.seed, name)
 
 
@@ -1521,8 +1527,9 @@ def make_judge(args):
             "seconds": seconds, "machine": machine(device),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     save_checkpoint({"model": half, "config": judge.config, "info": info}, out)
-    print(f"[judge] test accuracy {single:.2%} single view (what classify and evaluate use)"
-          + (f", {flip:.2%} with flip averaging" if flip is not None else "")
+    print(f"[judge] test accuracy {single:.2%} single view"
+          + (f", {flip:.2%} with flip averaging (what classify and evaluate use for RGB)"
+             if flip is not None else " (what classify and evaluate use)")
           + f"; trained in {seconds / 60:.1f} min; wrote {out} "
           f"({os.path.getsize(out) / 2**10:.0f} KiB)")
 
@@ -1691,7 +1698,7 @@ def export_pretrained(run_dir, dest=PRETRAINED):
 # Training the reference judges (python minicca.py judge): any fixed, accurate classifier
 # would do; this recipe follows the fast CIFAR-10 ones
 
-JUDGE_EPOCHS = {1: 2.0, 3: 10.0}  # by channels: digits need few passes (see tiny_data/README.md)
+JUDGE_EPOCHS = {1: 2.0, 3: 16.0}  # by channels: digits need few passes (see tiny_data/README.md)
 
 
 def train_judge(data, epochs=None, seed=0, device="cpu", width=32, batch=256, lr=0.2):
@@ -1753,8 +1760,9 @@ def bf16_is_fast(device):
 
 
 def judge_accuracy(judge, data, device):
-    """Test accuracy of a judge, single view (what classify and evaluate see) and averaged over the
-    image and its mirror (flip test-time averaging; RGB only, None for one channel)."""
+    """Test accuracy of a judge, single view and averaged over the image and its mirror (flip
+    test-time averaging: what classify and evaluate use for a loaded RGB judge; None for one
+    channel). `judge` is a freshly trained net, without flip_average."""
     y = torch.from_numpy(data["y_test"])
     probs = classify(judge, data["x_test"], device)[1]
     single = probs.argmax(1).eq(y).float().mean().item()
