@@ -172,7 +172,7 @@ class VQTokenizer(nn.Module):
         encoder outputs z_e (B, d, h, w)."""
         flat = rearrange(z_e.detach(), "b d h w -> (b h w) d")
         pick = torch.randint(0, len(flat), (int(dead.sum()),), device=flat.device)
-        self.codebook.weight[dead] = flat[pick]
+        self.codebook.weight[dead] = flat[pick].to(self.codebook.weight.dtype)  # bf16 autocast
 
 
 def codebook_stats(indices, codebook_size):

@@ -220,14 +220,17 @@ def load_sweep(models, quick_flags):
     """The CFG-scale and λ sweeps as `python minicca.py --sweep` writes them (sweep.json).
 
     The shipped full sweep, tiny_data/sweep_tiny.json (or the file MINICCA_SWEEP_JSON names),
-    when the checkpoints are the shipped ones; recomputed with the pipeline when
-    MINICCA_RECOMPUTE_SWEEP=1, when the file is absent or when the checkpoints were trained here
+    when it was made from these checkpoints; recomputed with the pipeline when
+    MINICCA_RECOMPUTE_SWEEP=1, when the file is absent or when it belongs to other checkpoints
     (in quick mode with `quick_flags`). Returns (sweep, where it came from)."""
     source = os.environ.get("MINICCA_SWEEP_JSON", SWEEP_FILE)
     recompute = os.environ.get("MINICCA_RECOMPUTE_SWEEP") == "1"
-    if not recompute and models.shipped and os.path.isfile(source):
+    if not recompute and os.path.isfile(source):
         with open(source) as f:
-            return json.load(f), source
+            sweep = json.load(f)
+        # newer files name their base model's id; older ones belong to the shipped checkpoints
+        if sweep.get("base", models.gk["id"] if models.shipped else None) == models.gk["id"]:
+            return sweep, source
     out = tempfile.mkdtemp(prefix="minicca_sweep_")
     start_from = ["--pretrained"] if models.shipped else ["--preset", models.preset]
     flags = start_from + ["--out", out, "--sweep", "--no-cca", "--no-eval", "--device", "cpu"]
@@ -277,7 +280,7 @@ def finetune(models, tokens, labels, loss="cca", lam=10.0, epochs=0.3, seed=1):
         value.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
-        history.append({"loss": value.item(), **stats})
+        history.append({"loss": value.item(), **{k: float(v) for k, v in stats.items()}})
     return policy.eval(), history
 
 

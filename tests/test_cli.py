@@ -288,3 +288,24 @@ def test_eval_seeds_write_a_std_for_every_metric_and_one_seed_gives_the_single_s
             assert one[f"{name}, no guidance"][k] == expected[k], (name, k)
         two_first = two[f"{name}, no guidance"]  # and the 2-set mean is not simply the first set
         assert any(two_first[k] != expected[k] for k in METRICS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --precision bf16: the GPU path's arithmetic, on the CPU
+
+def test_micro_pipeline_in_bf16_on_the_cpu(tmp_path, capsys):
+    data = make_npz(tmp_path / "gen.npz")
+    out = tmp_path / "bf16"
+    code, stdout, err = run_main(["--preset", "micro", "--device", "cpu", "--precision", "bf16",
+                                  "--dataset", data, "--out", str(out), "--eval-seeds", "1"], capsys)
+    assert code == 0, err[-2000:]
+    for f in ["tokenizer.pt", "gpt.pt", f"{CCA}.pt", "classifier.pt"]:
+        ckpt = torch.load(out / f, weights_only=True)
+        assert ckpt["config"]["precision"] == "bf16"                  # recorded: fp32 runs won't reuse it
+        assert all(np.isfinite(h["loss"]) for h in ckpt["history"]), f
+        assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["settings"]["precision"] == "bf16" and set(m["rows"]) == set(ROWS)
+    assert all(np.isfinite(m["rows"][name][k]) for name in ROWS for k in METRICS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # and autocast really runs matmuls in bf16 here
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16

@@ -275,3 +275,58 @@ def test_sample_token_temperature_scales_the_logits():
     logits = torch.tensor([0.0, 1.0, 2.0])
     freq = frequencies(logits, temperature=2.0)
     assert torch.allclose(freq, F.softmax(logits / 2.0, -1), atol=0.02)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the gpu preset at full size, on the CPU: what a first GPU run would otherwise find out
+
+def gpt_parameters(V, K, N, L, d):
+    """Closed form: embeddings (K+1 classes, V tokens, N positions), per block 12 d^2 + 13 d (qkv, proj,
+    two MLP matrices with biases, two LayerNorms), final LayerNorm, untied head."""
+    return (K + 1) * d + V * d + N * d + L * (12 * d * d + 13 * d) + 2 * d + d * V
+
+
+def test_gpu_preset_at_full_size_steps_and_samples_in_bf16_on_the_cpu():
+    P = {**minicca.COMMON, **minicca.PRESETS["gpu"]}
+    V, K, N, L, d = P["codebook_size"], 10, 64, P["n_layer"], P["n_embd"]          # CIFAR-10: 8x8 tokens
+    torch.manual_seed(0)
+    gpt = minicca.GPT(minicca.GPTConfig(V, K, N, L, P["n_head"], d, P["dropout"]))
+    assert sum(p.numel() for p in gpt.parameters()) == gpt_parameters(V, K, N, L, d)
+    tokens, labels = torch.randint(0, V, (4, N)), torch.tensor([0, 1, 2, K])
+    opt = minicca.adamw(gpt, P["lr"], 0.05)
+    with minicca.autocast(torch.device("cpu"), "bf16"):
+        logits = gpt(tokens, labels)
+        assert logits.dtype == torch.bfloat16 and logits.shape == (4, N, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and all(p.dtype == torch.float32 for p in gpt.parameters())
+    assert all(torch.isfinite(p).all() for p in gpt.parameters())
+    # one CCA step at full size
+    reference = minicca.GPT(gpt.config).eval().requires_grad_(False)
+    with minicca.autocast(torch.device("cpu"), "bf16"):
+        cca, stats = minicca.cca_step_loss(gpt.eval(), reference, tokens, labels[:4] % K)
+    cca.backward()
+    assert torch.isfinite(cca) and cca.dtype == torch.float32
+    # sampling: a couple of positions with CFG under bf16 (logits are cast to float32 for sampling)
+    short = minicca.GPT(minicca.GPTConfig(V, K, 2, L, P["n_head"], d))
+    with minicca.autocast(torch.device("cpu"), "bf16"):
+        out = minicca.generate(short, torch.tensor([3, 4]), cfg_scale=2.0,
+                               generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 2) and out.dtype == torch.long and int(out.max()) < V
+    # the tokenizer and the judge at the preset's size, one step each in bf16
+    tok = minicca.VQTokenizer(minicca.VQConfig(3, P["vq_hidden"], V, P["code_dim"], l2_norm=True))
+    images = torch.rand(4, 3, 32, 32)
+    with minicca.autocast(torch.device("cpu"), "bf16"):
+        with torch.no_grad():  # the codebook init, as train_tokenizer does it: bf16 outputs, fp32 codes
+            tok.restart_codes(tok.encoder(images), torch.ones(V, dtype=torch.bool))
+        recon, vq_loss, idx, z_e = tok(images)
+        loss = F.mse_loss(recon.float(), images) + vq_loss
+    loss.backward()
+    assert recon.shape == images.shape and idx.shape == (4, 8, 8) and idx.dtype == torch.long
+    assert tok.codebook.weight.dtype == torch.float32 and torch.isfinite(loss)
+    judge = minicca.JudgeNet(3, 10)
+    with minicca.autocast(torch.device("cpu"), "bf16"):
+        logits = judge(images)
+    F.cross_entropy(logits.float(), torch.arange(4)).backward()
+    assert judge.features(images).shape == (4, 128) and logits.shape == (4, 10)
