@@ -11,12 +11,13 @@ file does the whole job on MNIST / CIFAR-10 / your own .npz. It reads top to bot
     4. sampling     generate: KV cache, CFG as one 2B batch (cfg_logits), top-k / top-p
     5. loss         cca_loss (and the dpo / unlearning baselines): pure functions of likelihoods
     6. training     presets, optimiser, schedule, batches, train_loop, the training stages
-    7. evaluation   a small classifier as the judge: accuracy, FID, IS, precision/recall
+    7. evaluation   a fixed judge classifier: accuracy, FID, IS, precision/recall, error bars
     8. pipeline     run: setup -> tokenizer -> tokens -> pretrain -> samples -> CCA -> evaluation
 
-That teaching core is about 1,050 lines, one sitting. Below the "Plumbing" banner (about
-900 lines) is what a reader can skip: settings validation, checkpoints and resume, torchrun
-helpers, figures and files, the benchmark, export of the reference checkpoints, the command line.
+That teaching core is about 1,100 lines, one sitting. Below the "Plumbing" banner (about 1,200
+lines) is what a reader can skip: settings validation, loading and training the reference
+judges, checkpoints and resume, torchrun helpers, figures and files, the benchmark, export of the
+reference checkpoints, the command line.
 
 Cut on purpose: no perceptual/GAN tokenizer losses, no 2D/rotary positions, no multi-scale (VAR)
 models, no Inception FID. See README.md for scope and limits.
@@ -684,18 +685,6 @@ def train_gpt(tokens, labels, num_classes, P, args, device, partial, config):
     return {"model": model.state_dict(), "gpt_config": asdict(gpt_config), "history": history}
 
 
-@torch.no_grad()
-def bits_per_token(model, tokens, labels, device, batch=500):
-    """Mean negative log-likelihood per token, in bits, with the true classes (no dropout)."""
-    model.eval()
-    total = 0.0
-    for i in range(0, len(tokens), batch):
-        x = tokens[i:i + batch].long().to(device)
-        y = labels[i:i + batch].to(device)
-        total -= sequence_logprob(model(x, y), x).sum().item()
-    return total / tokens.numel() / math.log(2)
-
-
 def finetune_cca(base, tokens, labels, P, args, device, partial, config):
     """CCA (or a baseline): the policy starts from the pretrained weights, the reference is a frozen
     copy; dropout is off in both (eval mode), so that every gap is exactly 0 at step 0."""
@@ -748,27 +737,6 @@ class JudgeNet(nn.Module):
 
 def conv_bn_gelu(i, o):
     return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.GELU()]
-
-
-JUDGES = {"mnist": os.path.join(HERE, "tiny_data", "judge_mnist.pt"),
-          "cifar10": os.path.join(HERE, "tiny_data", "judge_cifar10.pt")}
-
-
-def load_judge(name_or_path, device="cpu"):
-    """A shipped judge by name ("mnist", "cifar10": JUDGES) or a file from `python minicca.py
-    judge`: a JudgeNet in eval mode with float32 weights on `device`. judge.info holds how it was
-    made: classes, image_shape (H, W, C), test_accuracy (single view), test_accuracy_flip,
-    command, data (fingerprint), epochs, seconds, machine, date."""
-    path = JUDGES.get(name_or_path, name_or_path)
-    if not os.path.isfile(path):
-        raise UserError(f"no judge file {path} (make one: python minicca.py judge --dataset ...)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    judge = JudgeNet(**ckpt["config"])
-    judge.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in ckpt["model"].items()})
-    judge.info = ckpt["info"]
-    judge.flip_average = judge.info.get("test_accuracy_flip") is not None  # RGB: mirror too
-    return judge.to(device).eval()
 
 
 @torch.no_grad()
@@ -1133,8 +1101,9 @@ def load_gpt(ckpt, device):
 
 
 # =================================================================================================
-# Plumbing: nothing below is needed to understand CCA. Settings validation, checkpoints and resume,
-# torchrun, figures and files, the benchmark, export of the reference checkpoints, the command line.
+# Plumbing: nothing below is needed to understand CCA. Settings validation, torchrun, reports,
+# checkpoints and resume, the reference judges (loading, training, choosing), figures and files,
+# the benchmark, the command line.
 # =================================================================================================
 
 # Settings and input validation
@@ -1500,53 +1469,19 @@ def resolve_precision(precision, device):
     return precision
 
 
-# The reference judges: `python minicca.py judge` trains one and stores it for load_judge
-
-def make_judge(args):
-    """python minicca.py judge --dataset D: train a JudgeNet (train_judge) on D's training images,
-    measure it on D's test images, store it with float16 weights and its metadata (load_judge reads
-    both), default tiny_data/judge_<name>.pt, and print the test accuracy."""
-    device = pick_device(args.device)
-    data = load_dataset(args.dataset, args.data_root)
-    out = args.out or os.path.join(HERE, "tiny_data", f"judge_{dataset_name(args.dataset)}.pt")
-    if os.path.dirname(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    H, W, C = data["x_train"].shape[1:]
-    epochs = args.judge_epochs or JUDGE_EPOCHS.get(C, JUDGE_EPOCHS[3])
-    print(f"minicca judge: {len(data['x_train'])} train / {len(data['x_test'])} test images "
-          f"{H}x{W}x{C}, {len(data['classes'])} classes; {epochs:g} epochs on {device}; out {out}")
-    t0 = time.time()
-    judge = train_judge(data, epochs, args.seed, device).cpu().float()
-    seconds = time.time() - t0
-    half = {k: v.half() if v.is_floating_point() else v for k, v in judge.state_dict().items()}
-    judge.load_state_dict(half)  # measure the weights that are shipped: float16, rounded
-    single, flip = judge_accuracy(judge, data, torch.device("cpu"))
-    info = {"classes": [str(c) for c in data["classes"]], "image_shape": [H, W, C],
-            "test_accuracy": single, "test_accuracy_flip": flip, "epochs": epochs,
-            "seed": args.seed, "data": fingerprint(data), "command": args.command_line,
-            "seconds": seconds, "machine": machine(device),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    save_checkpoint({"model": half, "config": judge.config, "info": info}, out)
-    print(f"[judge] test accuracy {single:.2%} single view"
-          + (f", {flip:.2%} with flip averaging (what classify and evaluate use for RGB)"
-             if flip is not None else " (what classify and evaluate use)")
-          + f"; trained in {seconds / 60:.1f} min; wrote {out} "
-          f"({os.path.getsize(out) / 2**10:.0f} KiB)")
-
-
-def machine(device):
-    """A one-line description of where something was measured: CPU model and threads, or the GPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = "CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"{model}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
-
-
 # Reports
+
+@torch.no_grad()
+def bits_per_token(model, tokens, labels, device, batch=500):
+    """Mean negative log-likelihood per token, in bits, with the true classes (no dropout)."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(tokens), batch):
+        x = tokens[i:i + batch].long().to(device)
+        y = labels[i:i + batch].to(device)
+        total -= sequence_logprob(model(x, y), x).sum().item()
+    return total / tokens.numel() / math.log(2)
+
 
 @torch.no_grad()
 def tokenizer_report(tokenizer, x_uint8, device, batch=1000):
@@ -1695,6 +1630,29 @@ def export_pretrained(run_dir, dest=PRETRAINED):
 
 
 
+# The shipped reference judges
+
+JUDGES = {"mnist": os.path.join(HERE, "tiny_data", "judge_mnist.pt"),
+          "cifar10": os.path.join(HERE, "tiny_data", "judge_cifar10.pt")}
+
+
+def load_judge(name_or_path, device="cpu"):
+    """A shipped judge by name ("mnist", "cifar10": JUDGES) or a file from `python minicca.py
+    judge`: a JudgeNet in eval mode with float32 weights on `device`. judge.info holds how it was
+    made: classes, image_shape (H, W, C), test_accuracy (single view), test_accuracy_flip,
+    command, data (fingerprint), epochs, seconds, machine, date."""
+    path = JUDGES.get(name_or_path, name_or_path)
+    if not os.path.isfile(path):
+        raise UserError(f"no judge file {path} (make one: python minicca.py judge --dataset ...)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    judge = JudgeNet(**ckpt["config"])
+    judge.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in ckpt["model"].items()})
+    judge.info = ckpt["info"]
+    judge.flip_average = judge.info.get("test_accuracy_flip") is not None  # RGB: mirror too
+    return judge.to(device).eval()
+
+
 # Training the reference judges (python minicca.py judge): any fixed, accurate classifier
 # would do; this recipe follows the fast CIFAR-10 ones
 
@@ -1770,6 +1728,52 @@ def judge_accuracy(judge, data, device):
         return single, None
     mirrored = classify(judge, to_float(data["x_test"]).flip(3), device)[1]
     return single, (probs + mirrored).argmax(1).eq(y).float().mean().item()
+
+
+# The reference judges: `python minicca.py judge` trains one and stores it for load_judge
+
+def make_judge(args):
+    """python minicca.py judge --dataset D: train a JudgeNet (train_judge) on D's training images,
+    measure it on D's test images, store it with float16 weights and its metadata (load_judge reads
+    both), default tiny_data/judge_<name>.pt, and print the test accuracy."""
+    device = pick_device(args.device)
+    data = load_dataset(args.dataset, args.data_root)
+    out = args.out or os.path.join(HERE, "tiny_data", f"judge_{dataset_name(args.dataset)}.pt")
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    H, W, C = data["x_train"].shape[1:]
+    epochs = args.judge_epochs or JUDGE_EPOCHS.get(C, JUDGE_EPOCHS[3])
+    print(f"minicca judge: {len(data['x_train'])} train / {len(data['x_test'])} test images "
+          f"{H}x{W}x{C}, {len(data['classes'])} classes; {epochs:g} epochs on {device}; out {out}")
+    t0 = time.time()
+    judge = train_judge(data, epochs, args.seed, device).cpu().float()
+    seconds = time.time() - t0
+    half = {k: v.half() if v.is_floating_point() else v for k, v in judge.state_dict().items()}
+    judge.load_state_dict(half)  # measure the weights that are shipped: float16, rounded
+    single, flip = judge_accuracy(judge, data, torch.device("cpu"))
+    info = {"classes": [str(c) for c in data["classes"]], "image_shape": [H, W, C],
+            "test_accuracy": single, "test_accuracy_flip": flip, "epochs": epochs,
+            "seed": args.seed, "data": fingerprint(data), "command": args.command_line,
+            "seconds": seconds, "machine": machine(device),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    save_checkpoint({"model": half, "config": judge.config, "info": info}, out)
+    print(f"[judge] test accuracy {single:.2%} single view"
+          + (f", {flip:.2%} with flip averaging (what classify and evaluate use for RGB)"
+             if flip is not None else " (what classify and evaluate use)")
+          + f"; trained in {seconds / 60:.1f} min; wrote {out} "
+          f"({os.path.getsize(out) / 2**10:.0f} KiB)")
+
+
+def machine(device):
+    """A one-line description of where something was measured: CPU model and threads, or the GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
 
 
 # Which judge scores a run, and training a per-run judge (.npz datasets, --judge train)
