@@ -327,11 +327,8 @@ def mean_std(runs):
 # when it is right, or a one-item list naming the first problem (printed unless verbose=False).
 # The model answers are the _solution_* functions at the end; `show_solution(name)` prints one,
 # `solution(name)` returns it (the notebooks use that to check the checkers).
-import inspect
-import math
+import inspect  # (math, numpy and torch come from the imports at the top)
 
-import numpy as np
-import torch
 import torch.nn.functional as F
 
 
