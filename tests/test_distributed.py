@@ -25,7 +25,8 @@ import minicca
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "minicca.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-FLAGS = ["--preset", "micro", "--collisions", "mask", "--uncond-ratio", "0"]
+FLAGS = ["--preset", "micro", "--collisions", "mask", "--uncond-ratio", "0",
+         "--judge", "train"]  # a judge trained here, so that training one under DDP is tested too
 CCA = minicca.cca_name({**minicca.COMMON, **minicca.PRESETS["micro"], "collisions": "mask", "uncond_ratio": 0.0})
 LAM = minicca.COMMON["lam"]
 
@@ -78,8 +79,13 @@ def test_tokenizer_two_processes_equal_one(runs):
     """The tokenizer (with its dead-code restarts made on the global batch) trains the same on two ranks."""
     a, b = ckpt(runs["one"], "tokenizer.pt"), ckpt(runs["two"], "tokenizer.pt")
     assert torch.allclose(losses(a), losses(b), rtol=1e-4, atol=1e-5), (losses(a) - losses(b)).abs().max()
+    diffs = {k: (a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]}
+    # Adam moves a weight by about lr = 2e-3 a step whatever the gradient's size, so a near-zero
+    # gradient whose sign differs in the last float bits between the runs costs up to 2 lr: allow
+    # 2.5 steps' worth (measured 3.3e-3 with the l2-normalised lookup, whose gradients are small)
     for k in a["model"]:
-        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=2e-3), k
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=5e-3), (k, diffs)
+    assert diffs["codebook.weight"] < 1e-3  # the same codes were restarted in both runs
 
 
 @pytest.mark.parametrize("run", ["two", "again"])
