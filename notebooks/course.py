@@ -180,8 +180,9 @@ def label_points(ax, xs, ys, texts, fontsize=7):
 
 
 def readme_table(heading):
-    """The first Markdown table under a README.md heading, as {first cell: {column: value}}:
-    notebooks print the README's measured numbers from the file itself, so they cannot drift."""
+    """The first Markdown table under a README.md heading, as {first cell: {column: value}} (a
+    "mean ± std" cell gives column = mean and column_std = std): notebooks print the README's
+    measured numbers from the file itself, so they cannot drift."""
     with open(os.path.join(REPO_DIR, "README.md"), encoding="utf-8") as f:
         lines = f.read().splitlines()
     start_at = next(i for i, line in enumerate(lines) if line.startswith("#") and heading in line)
@@ -198,8 +199,11 @@ def readme_table(heading):
     for row in body:
         values = {}
         for column, cell in zip(header[1:], row[1:]):
-            try:
-                values[column] = float(cell)
+            try:  # "0.976 ± 0.010": the mean over sets of samples (the std is kept apart)
+                mean, _, std = cell.partition("±")
+                values[column] = float(mean)
+                if std:
+                    values[column + "_std"] = float(std)
             except ValueError:
                 values[column] = cell
         table[row[0]] = values
