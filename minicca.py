@@ -625,7 +625,7 @@ def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, device, see
 
 def train_tokenizer(data, P, args, device, partial, config):
     """The VQ tokenizer's stage: reconstruction + VQ losses, Adam; the rate decays on a cosine to
-    vq_lr_floor x vq_lr (1.0, the cpu preset's: constant; 0.1 for RGB, where it buys ~1 dB)."""
+    vq_lr_floor x vq_lr (1.0 in the cpu preset: a constant rate; 0.1 in cpu_rgb and gpu)."""
     X = to_float(data["x_train"])                                         # (N, C, H, W), on CPU
     vq_config = VQConfig(X.size(1), P["vq_hidden"], P["codebook_size"], P["code_dim"],
                          l2_norm=True)
