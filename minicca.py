@@ -536,7 +536,9 @@ PRESETS = {
         vq_hidden=64, codebook_size=512, code_dim=32, vq_steps=2000, vq_batch=128, vq_lr=2e-3,
         vq_lr_floor=0.1, n_layer=6, n_head=6, n_embd=192, dropout=0.0, steps=1600,
         batch_size=64, lr=1e-3, cca_epochs=0.5, cca_lr=1e-4, clf_width=32, clf_epochs=2.0,
-        eval_samples=1000),
+        eval_samples=1000,
+        lam=30.0,  # this weak base wants a stronger push than MNIST's: λ 30 beat 10 and 3
+        sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0]),  # CFG's best: w ≈ 10
     "gpu": dict(  # one GPU
         vq_hidden=128, codebook_size=512, code_dim=32, vq_steps=8000, vq_batch=256, vq_lr=1e-3,
         vq_lr_floor=0.1, n_layer=8, n_head=8, n_embd=384, dropout=0.1, steps=20000,
@@ -2269,7 +2271,7 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float,
                    help=f"default {COMMON['beta']} (β·N ≈ 5 for 49 tokens; see README)")
     g.add_argument("--lam", type=float,
-                   help=f"default {COMMON['lam']} (the diversity-fidelity knob)")
+                   help=f"default {COMMON['lam']}; cpu_rgb 30 (the diversity-fidelity knob)")
     g.add_argument("--cca-epochs", type=float,
                    help="passes over the training tokens (preset: 1; cpu_rgb 0.5)")
     g.add_argument("--cca-lr", type=float,

@@ -56,6 +56,10 @@ def test_the_rgb_recipe_is_the_cifar_sized_one_and_the_cpu_preset_is_unchanged()
     rgb, cpu = minicca.PRESETS["cpu_rgb"], minicca.PRESETS["cpu"]
     assert (rgb["n_layer"], rgb["n_embd"], rgb["steps"], rgb["codebook_size"]) == (6, 192, 1600, 512)
     assert rgb["vq_lr_floor"] == 0.1 and "vq_lr_floor" not in cpu and minicca.COMMON["vq_lr_floor"] == 1.0
+    # CCA's push and the CFG grid: λ 30 for the weak CIFAR-10 base, 10 (COMMON) for MNIST; the grid
+    # reaches past CFG's best CIFAR-10 scale (w ≈ 10), so the best-CFG row is not capped by the grid
+    assert rgb["lam"] == 30.0 and "lam" not in cpu and minicca.COMMON["lam"] == 10.0
+    assert max(rgb["sweep_cfg"]) == 12.0 and "sweep_cfg" not in cpu
     assert (cpu["n_layer"], cpu["n_embd"], cpu["steps"], cpu["vq_steps"]) == (4, 128, 800, 800)
 
 
