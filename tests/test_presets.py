@@ -18,6 +18,7 @@ import torch
 import minicca
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_npz(path, hw, channels, n=40):
@@ -193,8 +194,7 @@ def test_peak_memory_on_the_cpu_sees_a_large_temporary():
               "    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched\n"
               "    x.add_(1)\n"
               "print(minicca.peak_memory(work, torch.device('cpu')))\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                          check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()[-1]
     assert out == "None" or int(out) > 32 * 2**20
 
