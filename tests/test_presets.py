@@ -60,9 +60,12 @@ def test_the_rgb_recipe_is_the_cifar_sized_one_and_the_cpu_preset_is_unchanged()
     rgb, cpu = minicca.PRESETS["cpu_rgb"], minicca.PRESETS["cpu"]
     assert (rgb["n_layer"], rgb["n_embd"], rgb["steps"], rgb["codebook_size"]) == (6, 192, 1600, 512)
     assert rgb["vq_lr_floor"] == 0.1 and "vq_lr_floor" not in cpu and minicca.COMMON["vq_lr_floor"] == 1.0
-    # the tokenizer's autoencoder warm-up: cpu_rgb's 100 of 2,000 steps; none in the MNIST run
-    assert rgb["vq_ae_warmup"] == 0.05 and "vq_ae_warmup" not in cpu
-    assert minicca.COMMON["vq_ae_warmup"] == 0.0
+    # the tokenizer: an autoencoder warm-up of 5% of the steps everywhere (cpu_rgb's 100 of 2,000,
+    # cpu's 40 of 800); the l2 lookup on RGB, the plain one on MNIST (it reconstructs better there)
+    assert minicca.COMMON["vq_ae_warmup"] == 0.05
+    assert "vq_ae_warmup" not in rgb and "vq_ae_warmup" not in cpu
+    assert minicca.COMMON["vq_l2_norm"] is True and "vq_l2_norm" not in rgb
+    assert cpu["vq_l2_norm"] is False
     # CCA's push and the CFG grid: λ 30 for the weak CIFAR-10 base, 10 (COMMON) for MNIST; the grid
     # reaches past CFG's best CIFAR-10 scale (w ≈ 10), so the best-CFG row is not capped by the grid
     assert rgb["lam"] == 30.0 and "lam" not in cpu and minicca.COMMON["lam"] == 10.0
