@@ -531,7 +531,7 @@ PRESETS = {
         vq_ae_warmup=0.1, n_layer=1, n_head=2, n_embd=32, dropout=0.0, steps=40, batch_size=32,
         lr=3e-3, cca_epochs=0.05, cca_lr=1e-3, clf_width=8, clf_epochs=0.3, eval_samples=100,
         samples_per_class=4, sweep_cfg=[1.0, 2.0], sweep_lam=[1.0, 10.0]),
-    "cpu": dict(  # a laptop: the default run in about 5 minutes on 2 cores
+    "cpu": dict(  # a laptop: the default run in about 7 minutes on 2 cores
         vq_hidden=64, codebook_size=256, code_dim=32, vq_steps=800, vq_batch=128, vq_lr=2e-3,
         vq_l2_norm=False,  # on MNIST the plain lookup beat the l2 one by 0.4-0.9 dB PSNR
         n_layer=4, n_head=4, n_embd=128, dropout=0.0, steps=800, batch_size=64, lr=2e-3,
