@@ -537,6 +537,8 @@ PRESETS = {
         n_layer=4, n_head=4, n_embd=128, dropout=0.0, steps=800, batch_size=64, lr=2e-3,
         cca_lr=2e-4, clf_width=32, clf_epochs=2.0, eval_samples=1000),
     "cpu_rgb": dict(  # a laptop, RGB images (CIFAR-10): the whole pipeline in under an hour
+        # its tokenizer: 24.1 dB PSNR in 5 minutes. 25.1 dB took 1024 codes, batch 256, 4000 steps
+        # and the plain lookup (the tokenizer command in the README): 33 minutes
         vq_hidden=64, codebook_size=512, code_dim=32, vq_steps=2000, vq_batch=128, vq_lr=2e-3,
         vq_lr_floor=0.1, n_layer=6, n_head=6, n_embd=192, dropout=0.0,
         steps=1600, batch_size=64, lr=1e-3, cca_epochs=0.5, cca_lr=1e-4, clf_width=32,
@@ -1268,6 +1270,7 @@ def settings(args, preset, device):
         ("batch-size", P["batch_size"] > 0, "> 0"),
         ("steps", P["steps"] > 0, "> 0"),
         ("vq-steps", P["vq_steps"] > 0, "> 0"),
+        ("vq-batch", P["vq_batch"] > 0, "> 0"),
         ("cca-epochs", P["cca_epochs"] > 0, "> 0"),
         ("clf-epochs", P["clf_epochs"] > 0, "> 0"),
         ("eval-samples", P["eval_samples"] > 0, "> 0"),
@@ -2242,8 +2245,10 @@ def parse_args(argv=None):
                     "skipped when up to date. Flags left unset take their value from --preset.",
         epilog="Several GPUs: torchrun --standalone --nproc_per_node=N minicca.py [flags] trains "
                "every stage with DDP (NCCL; Gloo on CPU); --batch-size is then the global batch.")
-    p.add_argument("command", nargs="?", default="run", choices=["run", "bench", "judge"],
-                   help="run: the pipeline; bench: sampling and training speed ratios; "
+    p.add_argument("command", nargs="?", default="run",
+                   choices=["run", "tokenizer", "bench", "judge"],
+                   help="run: the pipeline; tokenizer: its first stage alone (a later run in "
+                   "the same --out reuses it); bench: sampling and training speed ratios; "
                    "judge: train the reference judge of --dataset (writes --out, default "
                    "tiny_data/judge_<dataset>.pt)")
     g = p.add_argument_group("run")
@@ -2274,8 +2279,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("tokenizer")
     g.add_argument("--vq-steps", type=int, help="tokenizer optimizer steps (preset)")
     g.add_argument("--vq-hidden", type=int, help="tokenizer conv width (preset)")
+    g.add_argument("--vq-batch", type=int, help="tokenizer batch size (preset)")
     g.add_argument("--codebook-size", type=int,
                    help="codes in the codebook = the GPT's vocabulary (preset)")
+    g.add_argument("--vq-l2-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="look codes up by cosine (on) or by plain distance (off) (preset)")
     g = p.add_argument_group("pretraining")
     g.add_argument("--n-layer", type=int, help="transformer blocks (preset)")
     g.add_argument("--n-head", type=int, help="attention heads (preset)")
@@ -2350,6 +2358,8 @@ def main(argv=None):
             bench(args)
         elif args.command == "judge":
             make_judge(args)
+        elif args.command == "tokenizer":
+            stage_tokenizer(setup(args))
         else:
             run(args)
     except UserError as e:

@@ -179,6 +179,25 @@ def test_retrain_pretrain_redoes_pretrain_and_cca_only(e2e, capsys):
     assert len(gpt["history"]) == 40
 
 
+def test_tokenizer_command_trains_the_first_stage_alone_and_the_run_reuses_it(e2e, tmp_path, capsys):
+    """`python minicca.py tokenizer` stops after the tokenizer; --no-vq-l2-norm reaches its config; the
+    pipeline run in the same folder with the same flags finds it up to date and goes on."""
+    assert e2e["result"].returncode == 0
+    out = tmp_path / "tok"
+    args = [a if a != str(e2e["out"]) else str(out) for a in e2e["args"]] + ["--no-vq-l2-norm"]
+    code, stdout, err = run_main(["tokenizer", *args], capsys)
+    assert code == 0, err[-2000:]
+    assert sorted(os.listdir(out)) == ["tokenizer.pt", "tokenizer_recon.png"]
+    assert re.search(r"\[tokenizer\] test MSE [0-9.]+, PSNR [0-9.]+ dB", stdout)
+    ckpt = torch.load(out / "tokenizer.pt", weights_only=True)
+    assert ckpt["config"]["vq_l2_norm"] is False and ckpt["vq_config"]["l2_norm"] is False
+    code, stdout, err = run_main(["tokenizer", *args[:-1]], capsys)  # the preset's l2 lookup: another
+    assert code == 2 and "vq_l2_norm" in err and "--retrain tokenizer" in err  # tokenizer, refused
+    code, stdout, err = run_main(args + ["--no-eval"], capsys)  # the pipeline, same flags
+    assert code == 0 and f"[tokenizer] up to date: {out / 'tokenizer.pt'}" in stdout
+    assert f"[pretrain] saved {out / 'gpt.pt'}" in stdout
+
+
 # ----------------------------------------------------------------------------------------------------------
 # --help, bench, --sweep
 
@@ -187,7 +206,7 @@ def test_help_mentions_the_main_flags(capsys):
     assert code == 0
     for flag in ["--dataset", "--data-root", "--out", "--preset", "--device", "--seed", "--retrain", "--resume",
                  "--save-every", "--steps", "--cfg", "--beta", "--lam", "--loss", "--eval", "--sweep", "bench",
-                 "micro"]:
+                 "tokenizer", "--vq-batch", "--vq-l2-norm", "micro"]:
         assert flag in out, flag
 
 
