@@ -188,7 +188,7 @@ def test_tokenizer_command_trains_the_first_stage_alone_and_the_run_reuses_it(e2
     code, stdout, err = run_main(["tokenizer", *args], capsys)
     assert code == 0, err[-2000:]
     assert sorted(os.listdir(out)) == ["tokenizer.pt", "tokenizer_recon.png"]
-    assert re.search(r"\[tokenizer\] test MSE [0-9.]+, PSNR [0-9.]+ dB", stdout)
+    assert re.search(r"\[tokenizer\] test MSE [0-9.]+, PSNR [0-9]+\.[0-9]{2} dB", stdout)
     ckpt = torch.load(out / "tokenizer.pt", weights_only=True)
     assert ckpt["config"]["vq_l2_norm"] is False and ckpt["vq_config"]["l2_norm"] is False
     code, stdout, err = run_main(["tokenizer", *args[:-1]], capsys)  # the preset's l2 lookup: another
