@@ -537,8 +537,8 @@ PRESETS = {
         n_layer=4, n_head=4, n_embd=128, dropout=0.0, steps=800, batch_size=64, lr=2e-3,
         cca_lr=2e-4, clf_width=32, clf_epochs=2.0, eval_samples=1000),
     "cpu_rgb": dict(  # a laptop, RGB images (CIFAR-10): the whole pipeline in under an hour
-        # its tokenizer: 24.1 dB PSNR in 5 minutes. 25 dB (25.13 / 24.98, seeds 0 / 1) took 1024
-        # codes, batch 256, 4000 steps and the plain lookup: 32 minutes, no better samples (README)
+        # its tokenizer: 24.1 dB PSNR in 5 minutes. The README's 25 dB one (twice the codes and
+        # the batch, more steps, the plain lookup) costs over half the hour: no better samples
         vq_hidden=64, codebook_size=512, code_dim=32, vq_steps=2000, vq_batch=128, vq_lr=2e-3,
         vq_lr_floor=0.1, n_layer=6, n_head=6, n_embd=192, dropout=0.0,
         steps=1600, batch_size=64, lr=1e-3, cca_epochs=0.5, cca_lr=1e-4, clf_width=32,
@@ -1183,7 +1183,7 @@ def setup(args):
     """Device, settings, data and the output folder; the reference checkpoints with --pretrained."""
     device = init_distributed(pick_device(args.device))
     check_pretrained(args)
-    preset = args.preset or default_preset(device, image_channels(args.dataset))
+    preset = chosen_preset(args, device)
     P = settings(args, preset, device)  # before the data: a bad flag is said before a download
     data = load_dataset_rank0_first(args)
     name = dataset_name(args.dataset)
@@ -1231,6 +1231,11 @@ def default_preset(device, channels):
     if device.type != "cpu":
         return "gpu"
     return "cpu_rgb" if channels == 3 else "cpu"
+
+
+def chosen_preset(args, device):
+    """--preset when given, else the default for the device and --dataset's images."""
+    return args.preset or default_preset(device, image_channels(args.dataset))
 
 
 def image_channels(dataset):
@@ -2098,7 +2103,7 @@ def bench(args):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise UserError("bench measures one process: run it with python, not torchrun")
     device = pick_device(args.device)
-    P = settings(args, args.preset or default_preset(device, image_channels(args.dataset)), device)
+    P = settings(args, chosen_preset(args, device), device)
     if device.type == "cpu":
         with contextlib.suppress(OSError, AttributeError):
             # glibc: large blocks by mmap, so freed tensors leave resident memory and the peak

@@ -35,6 +35,9 @@ def test_the_default_preset_follows_the_device_and_the_images():
     assert minicca.default_preset(CPU, 1) == "cpu"  # MNIST, the tiny subset
     assert minicca.default_preset(CUDA, 3) == "gpu" and minicca.default_preset(CUDA, 1) == "gpu"
     assert [minicca.image_channels(d) for d in [None, "mnist", "cifar10"]] == [1, 1, 3]
+    run = argparse.Namespace(preset=None, dataset="cifar10")
+    assert minicca.chosen_preset(run, CPU) == "cpu_rgb"  # what setup() and bench() pick
+    assert minicca.chosen_preset(argparse.Namespace(preset="micro", dataset="cifar10"), CPU) == "micro"
 
 
 def test_the_channels_of_an_npz_are_read_from_its_header(tmp_path):
