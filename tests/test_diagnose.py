@@ -1,0 +1,76 @@
+"""tools/diagnose.py: the learned log-ratio against the implicit classifier, on a micro-sized GPT and
+on the shipped reference checkpoints."""
+import copy
+import json
+import math
+import os
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import diagnose  # noqa: E402
+import minicca  # noqa: E402
+
+
+def micro_gpt(seed=0, K=3, N=6, V=11):
+    torch.manual_seed(seed)
+    config = minicca.GPTConfig(vocab_size=V, num_classes=K, block_size=N, n_layer=1, n_head=2,
+                               n_embd=16)
+    return minicca.GPT(config).eval()
+
+
+def test_shapes_and_the_exact_case_policy_equal_to_reference():
+    reference = micro_gpt()
+    policy = copy.deepcopy(reference)
+    tokens = torch.randint(0, 11, (12, 6))
+    labels = torch.arange(12) % 3
+    logp = diagnose.class_logprobs(reference, tokens, 3, batch=5)
+    assert logp.shape == (12, 4)
+    assert torch.all(logp < 0)
+    r_null, r_bayes = diagnose.implicit_ratios(logp, labels)
+    assert r_null.shape == r_bayes.shape == (12,)
+    assert torch.all(r_bayes <= math.log(3) + 1e-5)  # calibrated: p(c|x) <= 1
+    delta = diagnose.learned_log_ratio(policy, reference, tokens, labels, batch=5)
+    assert delta.shape == (12,)
+    assert torch.equal(delta, torch.zeros(12))
+    row = diagnose.tilt_rows(policy, reference, tokens, labels, 3)
+    assert row["slope_null"] == 0.0 and row["r2_bayes"] == 0.0 and row["mean_delta"] == 0.0
+
+
+def test_a_different_policy_has_a_nonzero_log_ratio():
+    reference = micro_gpt(0)
+    policy = micro_gpt(1)
+    tokens = torch.randint(0, 11, (8, 6))
+    labels = torch.arange(8) % 3
+    delta = diagnose.learned_log_ratio(policy, reference, tokens, labels)
+    direct = (minicca.sequence_logprob(policy(tokens, labels), tokens)
+              - minicca.sequence_logprob(reference(tokens, labels), tokens))
+    assert torch.allclose(delta, direct)
+    assert delta.abs().min() > 0
+
+
+def test_within_class_fit_recovers_a_tilt_and_ignores_class_constants():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 3
+    r = torch.randn(300, generator=g)
+    delta = 7.0 * r + torch.tensor([5.0, -2.0, 100.0])[labels]  # a constant per class is free
+    slope, r2 = diagnose.within_class_fit(delta, r, labels)
+    assert abs(slope - 7.0) < 1e-6 and abs(r2 - 1.0) < 1e-6
+    noisy = delta + 7.0 * torch.randn(300, generator=g)
+    slope, r2 = diagnose.within_class_fit(noisy, r, labels)
+    assert 5.0 < slope < 9.0 and 0.3 < r2 < 0.7
+
+
+def test_tilt_on_the_shipped_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in os.listdir(minicca.PRETRAINED):
+        (run / name).write_bytes((open(os.path.join(minicca.PRETRAINED, name), "rb")).read())
+    diagnose.main(["tilt", str(run), "--per-class", "4"])
+    rows = json.loads((run / "tilt.json").read_text())
+    assert len(rows) == 2  # one CCA checkpoint, test and train images
+    for row in rows.values():
+        assert row["n"] == 40
+        assert row["slope_bayes"] > 0  # CCA raised the likelihood of the more typical images more

@@ -1,0 +1,217 @@
+"""Where CCA stops, and how it compares beyond FID: two studies of a finished run folder.
+
+    python tools/diagnose.py tilt RUN_DIR --dataset cifar10 [--per-class 100]
+    python tools/diagnose.py compare RUN_DIR --dataset cifar10 [--per-class 500] [--cfg 2 4 8 10]
+
+`tilt` asks what a CCA fine-tune learned. Its policy p_θ and the frozen reference p_φ (the base
+model) give, for an image x of class c, the learned log-ratio  Δ(x, c) = log p_θ(x|c) − log p_φ(x|c)
+(sums over the N tokens). The base model's implicit classifier gives the tilt the theory asks for:
+    r(x, c) = log p_φ(x|c) − log p_φ(x)      (≈ log p(c|x) − log p(c))
+with p_φ(x) either the null branch (what CFG divides by) or the mixture (1/K) Σ_c' p_φ(x|c')
+(the Bayes estimate, calibrated by construction). At CCA's optimum β·Δ = r − log λ + (a constant
+per class), so within a class Δ rises with r at slope 1/β; CFG at scale w = 1 + s tilts a
+sequence by about s·r_null (per-token normalisers aside). The slope fitted within classes is the
+tilt the fine-tune reached, in units of CFG's s, and R² says how much of Δ that tilt explains.
+Training and held-out images side by side tell "not converged" (both slopes well below 1/β, equal)
+from "memorised" (train above held-out); a low R² says Δ is not a tilt by r.
+
+`compare` samples `--per-class` images per class for the base model at each `--cfg` scale and for
+every CCA checkpoint without guidance, and reports FID, accuracy, precision and recall in the
+judge's features (as the run's table does) and the intra-class FID: FID per class against that
+class's test images, averaged over the classes (the metric class-conditional models report because
+overall FID rewards a sampler that covers the classes but not the images within them). It names the
+CFG scale whose recall is closest to each CCA model's, beside the best-FID scale.
+
+Both print a table and write JSON beside the run (tilt.json, compare.json). Maintainer tools: they
+import minicca and need no other file.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import minicca  # noqa: E402
+
+
+@torch.no_grad()
+def class_logprobs(model, tokens, num_classes, batch=500):
+    """log p(x|c') for every class c' and the null class (last column): tokens (n, N) -> (n, K + 1),
+    in nats, float32."""
+    columns = []
+    for c in range(num_classes + 1):
+        parts = []
+        for x in tokens.split(batch):
+            labels = torch.full((len(x),), c, device=x.device)
+            parts.append(minicca.sequence_logprob(model(x, labels), x))
+        columns.append(torch.cat(parts))
+    return torch.stack(columns, 1)
+
+
+def implicit_ratios(logp, labels):
+    """(n, K + 1) log-likelihoods and true labels (n,) -> (r_null, r_bayes), each (n,): the true
+    class's log-likelihood minus the null branch's, and minus log of the mean over the K classes."""
+    K = logp.size(1) - 1
+    own = logp[torch.arange(len(labels)), labels]
+    mixture = torch.logsumexp(logp[:, :K], 1) - math.log(K)
+    return own - logp[:, K], own - mixture
+
+
+@torch.no_grad()
+def learned_log_ratio(policy, reference, tokens, labels, batch=500):
+    """Δ(x, c) = log p_θ(x|c) − log p_φ(x|c): (n,). Exactly 0 when the policy is the reference."""
+    parts = []
+    for x, y in zip(tokens.split(batch), labels.split(batch)):
+        policy_logp = minicca.sequence_logprob(policy(x, y), x)
+        reference_logp = minicca.sequence_logprob(reference(x, y), x)
+        parts.append(policy_logp - reference_logp)
+    return torch.cat(parts)
+
+
+def within_class_fit(delta, r, labels):
+    """Least squares of Δ on r with one intercept per class: returns (slope, r2). r2 is the share of
+    Δ's within-class variance that the slope explains (0 when Δ is constant within classes)."""
+    d = delta.double().clone()
+    x = r.double().clone()
+    for c in labels.unique():
+        rows = labels == c
+        d[rows] -= d[rows].mean()
+        x[rows] -= x[rows].mean()
+    slope = float((d * x).sum() / (x * x).sum().clamp(min=1e-12))
+    total = float((d * d).sum())
+    residual = float(((d - slope * x) ** 2).sum())
+    return slope, (1.0 - residual / total) if total > 0 else 0.0
+
+
+def tilt_rows(policy, reference, tokens, labels, num_classes):
+    """The diagnostic on one image set: {slope and r2 of Δ on r_null and on r_bayes, mean Δ}."""
+    logp = class_logprobs(reference, tokens, num_classes)
+    r_null, r_bayes = implicit_ratios(logp, labels)
+    delta = learned_log_ratio(policy, reference, tokens, labels)
+    slope_null, r2_null = within_class_fit(delta, r_null, labels)
+    slope_bayes, r2_bayes = within_class_fit(delta, r_bayes, labels)
+    return {"n": len(labels), "mean_delta": float(delta.mean()), "slope_null": slope_null,
+            "r2_null": r2_null, "slope_bayes": slope_bayes, "r2_bayes": r2_bayes,
+            "mean_r_bayes": float(r_bayes.mean()), "mean_r_null": float(r_null.mean())}
+
+
+def balanced_subset(y, per_class, seed):
+    """The first `per_class` indices of each class after one seeded shuffle, class by class."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    picked = [order[y[order] == c][:per_class] for c in np.unique(y)]
+    return np.concatenate(picked)
+
+
+def load_run(run_dir, dataset, data_root):
+    """The run's tokenizer, base GPT, every CCA checkpoint and the data."""
+    tk = minicca.load_checkpoint(os.path.join(run_dir, "tokenizer.pt"))
+    tokenizer = minicca.VQTokenizer(minicca.VQConfig(**tk["vq_config"])).eval()
+    tokenizer.load_state_dict(tk["model"])
+    base = minicca.load_gpt(minicca.load_checkpoint(os.path.join(run_dir, "gpt.pt")), "cpu")
+    tuned = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "cca_*.pt"))):
+        ckpt = minicca.load_checkpoint(path)
+        tuned[os.path.basename(path)] = (minicca.load_gpt(ckpt, "cpu"), ckpt["config"])
+    data = minicca.load_dataset(dataset, data_root)
+    return tokenizer, base, tuned, data
+
+
+@torch.no_grad()
+def encode(tokenizer, images, batch=500):
+    parts = [tokenizer.encode(minicca.to_float(images[i:i + batch])).flatten(1)
+             for i in range(0, len(images), batch)]
+    return torch.cat(parts)
+
+
+def tilt(args):
+    tokenizer, base, tuned, data = load_run(args.run_dir, args.dataset, args.data_root)
+    K = len(data["classes"])
+    out = {}
+    for split in ("test", "train"):
+        idx = balanced_subset(data[f"y_{split}"], args.per_class, args.seed)
+        tokens = encode(tokenizer, data[f"x_{split}"][idx])
+        labels = torch.from_numpy(data[f"y_{split}"][idx]).long()
+        for name, (model, settings) in tuned.items():
+            row = tilt_rows(model, base, tokens, labels, K)
+            row.update(beta=settings["beta"], lam=settings["lam"], split=split)
+            out[f"{name} {split}"] = row
+            print(f"{name:32s} {split:5s} n {row['n']:5d}  mean Δ {row['mean_delta']:7.2f}  "
+                  f"slope on r_null {row['slope_null']:5.2f} (R² {row['r2_null']:.2f})  "
+                  f"on r_bayes {row['slope_bayes']:5.2f} (R² {row['r2_bayes']:.2f})  "
+                  f"optimum 1/β = {1 / settings['beta']:.3g}")
+    with open(os.path.join(args.run_dir, "tilt.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def per_class_fid(features, labels, real_features, real_labels):
+    """FID of each class's samples against that class's real images, averaged over the classes."""
+    fids = [minicca.fid_from_features(features[labels == c], real_features[real_labels == c])
+            for c in labels.unique()]
+    return float(np.mean(fids))
+
+
+def compare(args):
+    tokenizer, base, tuned, data = load_run(args.run_dir, args.dataset, args.data_root)
+    K = len(data["classes"])
+    judge = minicca.load_judge(args.judge or args.dataset)
+    real, _ = minicca.classify(judge, data["x_test"], "cpu")
+    real_labels = torch.from_numpy(data["y_test"]).long()
+    settings = {**minicca.COMMON, **minicca.PRESETS[args.preset]}
+    grid = (data["x_train"].shape[1] // 4, data["x_train"].shape[2] // 4)
+    labels = minicca.balanced_labels(args.per_class * K, K)
+    models = [(f"base, CFG {w:g}" if w != 1 else "base, no guidance", base, w) for w in args.cfg]
+    models += [(f"{name}, no guidance", model, 1.0) for name, (model, _) in tuned.items()]
+    rows = {}
+    for name, model, w in models:
+        images, _ = minicca.sample_images(model, tokenizer, labels, w, grid, settings,
+                                          torch.device("cpu"), args.seed)
+        scores = minicca.evaluate(images, labels, judge, real, "cpu")
+        features, _ = minicca.classify(judge, images, "cpu")
+        scores["intra_fid"] = per_class_fid(features, labels, real, real_labels)
+        rows[name] = {"cfg": w, **scores}
+        print(f"{name:44s} acc {scores['accuracy']:.3f}  fid {scores['fid']:6.2f}  "
+              f"intra-class fid {scores['intra_fid']:6.2f}  precision {scores['precision']:.3f}  "
+              f"recall {scores['recall']:.3f}", flush=True)
+    cfg_rows = {n: r for n, r in rows.items() if n.startswith("base")}
+    best = min(cfg_rows, key=lambda n: cfg_rows[n]["fid"])
+    print(f"best-FID CFG row: {best}")
+    for name, row in rows.items():
+        if not name.startswith("base"):
+            matched = min(cfg_rows, key=lambda n: abs(cfg_rows[n]["recall"] - row["recall"]))
+            print(f"{name}: CFG row with the closest recall: {matched}")
+    with open(os.path.join(args.run_dir, "compare.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("study", choices=["tilt", "compare"])
+    parser.add_argument("run_dir", help="a finished run's --out folder")
+    parser.add_argument("--dataset", default=None, help="the run's --dataset")
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="images per class (tilt: 100 real; compare: 500 samples)")
+    parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 4.0, 6.0, 8.0, 10.0],
+                        help="compare: the base model's CFG scales")
+    parser.add_argument("--preset", default="cpu_rgb", help="compare: the run's sampling settings")
+    parser.add_argument("--judge", default=None, help="compare: judge name or .pt (default: the "
+                        "dataset's shipped judge)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.per_class is None:
+        args.per_class = 100 if args.study == "tilt" else 500
+    if args.study == "tilt":
+        tilt(args)
+    else:
+        compare(args)
+
+
+if __name__ == "__main__":
+    main()
