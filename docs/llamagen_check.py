@@ -54,7 +54,8 @@ def main():
                 class_dropout_prob=0.1, drop_path_rate=0.1, attn_dropout_p=0.1)
     policy, reference = copy.deepcopy(base), copy.deepcopy(base).requires_grad_(False)
     g = torch.Generator().manual_seed(args.seed)
-    tokens, labels = torch.randint(0, 256, (8, N), generator=g), torch.randint(0, K, (8,), generator=g)
+    tokens = torch.randint(0, 256, (8, N), generator=g)
+    labels = torch.randint(0, K, (8,), generator=g)
     report("logits of the tuple", lambda: kit.sequence_logprob(policy(idx=tokens[:, :-1],
                                                                      cond_idx=labels), tokens))
     report("idx = the whole sequence", lambda: kit.sequence_logprob(
@@ -108,8 +109,9 @@ def main():
                 head.forward = head_in_float32
                 bf16_head = llamagen_logp(model)(x, c)
                 del head.forward
-        print(f"  N = {n:3d}: mean log p {fp32.mean():8.0f}, bf16 autocast "
-              f"{(bf16 - fp32).abs().max():.3f}, head in float32 {(bf16_head - fp32).abs().max():.3f}")
+        error, error_head = (bf16 - fp32).abs().max(), (bf16_head - fp32).abs().max()
+        print(f"  N = {n:3d}: mean log p {fp32.mean():8.0f}, bf16 autocast {error:.3f}, "
+              f"head in float32 {error_head:.3f}")
 
 
 if __name__ == "__main__":

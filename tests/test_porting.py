@@ -106,7 +106,7 @@ def test_the_kit_is_minicca_code_and_imports_only_torch(kit_dir):
               "no_randomness", "step0_self_check"}
     assert wanted <= defined, wanted - defined
     text = (ROOT / "minicca.py").read_text(encoding="utf-8")
-    for node in tree.body:                       # every function is minicca's, character for character
+    for node in tree.body:                       # every function is minicca's, to the character
         if isinstance(node, ast.FunctionDef):
             assert ast.get_source_segment(source, node) in text, node.name
     # the pieces need no other name of minicca.py: every global they read is defined in the kit
@@ -116,10 +116,11 @@ def test_the_kit_is_minicca_code_and_imports_only_torch(kit_dir):
                 if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
     nested = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     known = nested | assigned | imported | set(dir(builtins))
-    loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    names = [n for n in ast.walk(tree) if isinstance(n, ast.Name)]
+    loads = {n.id for n in names if isinstance(n.ctx, ast.Load)}
     local = {a.arg for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.Lambda))
              for a in n.args.args + n.args.kwonlyargs}
-    local |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    local |= {n.id for n in names if isinstance(n.ctx, ast.Store)}
     assert loads - known - local == set(), loads - known - local
     assert len(source.splitlines()) < 330                        # the four pieces, no more
 
@@ -520,6 +521,48 @@ def test_the_documents_train_step_sums_micro_batches_rolled_within_each(kit_dir)
     assert not torch.allclose(whole.head.weight.grad, oracle.head.weight.grad, rtol=0.1)
     ratio = oracle.head.weight.grad.norm() / whole.head.weight.grad.norm()
     assert ratio > 2                                          # a sum of 4, not a mean
+
+
+def test_the_documents_train_step_under_ddp_gives_the_same_update(kit_dir, tmp_path):
+    """The no_sync path: a DDP-wrapped policy (gloo, one process) gets the plain one's update."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    kit = load_kit(kit_dir)
+    namespace = {"__name__": "doc", "cca_batch_loss": kit.cca_batch_loss}
+    code = doc_block("# the training step").replace("from cca_kit import cca_batch_loss\n", "")
+    exec(compile(code, "training step", "exec"), namespace)
+    base = minicca.load_gpt(load_checkpoint("gpt.pt"), torch.device("cpu"))
+    start = minicca.load_gpt(load_checkpoint("cca_cca_b0.1_l10_e1.pt"), torch.device("cpu"))
+    tokens, labels = random_batch(8, 10, seed=9)
+    updated = []
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        for wrap in (False, True):
+            policy = copy.deepcopy(start)
+            net = DistributedDataParallel(policy) if wrap else policy
+            opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+            namespace["train_step"](net, minicca_logp(net), minicca_logp(base), opt, tokens, labels,
+                                    10, 4, beta=0.1, lam=10.0, uncond_ratio=0.0, clip=1.0)
+            updated.append(policy.head.weight.detach().clone())
+    finally:
+        dist.destroy_process_group()
+    assert not torch.equal(updated[0], start.head.weight)
+    assert torch.allclose(updated[0], updated[1], rtol=0, atol=1e-6)
+
+
+def test_the_notebooks_checkers_accept_the_solutions_and_name_the_mistakes():
+    """notebooks/instructor/solutions_03.py: every 03 checker (in notebooks/course.py) accepts its
+    solution and rejects each wrong answer, printing the mistake's name."""
+    folder = ROOT / "notebooks" / "instructor"
+    sys.path.insert(0, str(folder))
+    try:
+        import solutions_03
+        solutions_03.check_all()
+    finally:
+        sys.path.remove(str(folder))
+    assert set(solutions_03.SOLUTIONS) == set(solutions_03.WRONG)
+    assert all(len(wrong) >= 1 for wrong in solutions_03.WRONG.values())
 
 
 def test_the_kits_adamw_decays_only_tensors_of_two_or_more_dimensions():

@@ -18,7 +18,7 @@ import minicca  # noqa: E402
 def _wire_logp(model):
     def logp(tokens, labels):
         first = model.first_logits(labels).log_softmax(-1)                   # predicts tokens[:, 0]
-        rest = model(tokens, labels)["logits"][:, :-1]                         # predicts tokens[:, 1:]
+        rest = model(tokens, labels)["logits"][:, :-1]                    # predicts tokens[:, 1:]
         return (first.gather(1, tokens[:, :1]).squeeze(1)
                 + minicca.sequence_logprob(rest, tokens[:, 1:]))
     return logp
