@@ -1200,9 +1200,9 @@ def step0_self_check(policy_logp, ref_logp, tokens, labels, num_classes, *, lam,
                      uncond_ratio=0.1):
     """Run before the first update, the policy holding the reference's weights. Every source of
     randomness in `models` is switched off for the check and restored after it. Returns the
-    largest |log pθ - log pφ| over the 2B rows and loss - log 2·(1 + mean w)/max(λ, 1) (w = 1 on
-    flagged rows, λ elsewhere): both exactly 0 when the two passes are deterministic. A nonzero
-    gap: something random is left, the weights differ, or the callables differ."""
+    largest |log pθ - log pφ| over the 2B rows (exactly 0 when the two passes are deterministic)
+    and loss - log 2·(1 + mean w)/max(λ, 1), w = 1 on flagged rows and λ elsewhere (0 up to float
+    rounding, ~1e-7). A nonzero gap: something random is left, or the weights or callables differ."""
     with no_randomness(*models), torch.no_grad():
         logp, ref, flags = paired_logps(policy_logp, ref_logp, tokens, labels, num_classes,
                                         uncond_ratio)

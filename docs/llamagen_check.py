@@ -35,7 +35,8 @@ def report(what, call):
     try:
         call()
     except Exception as error:  # noqa: BLE001  (the failures are the point)
-        print(f"{what}: {type(error).__name__}: {str(error)[:110]}")
+        message = str(error).strip().splitlines()[-1].strip()  # load_state_dict's is the last
+        print(f"{what}: {type(error).__name__}: {message[:110]}")
     else:
         print(f"{what}: no error")
 
@@ -80,6 +81,10 @@ def main():
     max_gap, off_by = check(models=(policy, reference))
     print(f"self-check with models=(policy, reference): largest gap {max_gap}, "
           f"loss - closed form {off_by:.1e}; restored: {len(kit._random_settings(policy))} sources")
+    no_null_row = tiny(ModelArgs, Transformer, args.seed, vocab_size=256, block_size=N,
+                       class_dropout_prob=0.0)
+    report("built with class_dropout_prob=0, loading the weights",
+           lambda: no_null_row.load_state_dict(base.state_dict()))
     report("eval mode, idx = tokens[:, :-1]", lambda: llamagen_logp(policy.eval())(tokens, labels))
     with torch.no_grad(), kit.no_randomness(policy):
         eval_logp = kit.sequence_logprob(policy(idx=tokens, cond_idx=labels)[0][:, :-1], tokens)
