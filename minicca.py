@@ -360,8 +360,9 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=No
 
 
 # -------------------------------------------------------------------------------------------------
-# 5. The CCA loss and its baselines: pure functions of per-sequence log-likelihoods; copy them
-#    anywhere (README: "Porting CCA to your model")
+# 5. The CCA loss and its baselines: pure functions of per-sequence log-likelihoods. With the
+#    porting kit (after the Plumbing banner) this section is what another codebase copies: torch
+#    only, no other name from this file (docs/porting.md).
 
 def _check_pairs(policy_pos, policy_neg, ref_pos, ref_neg, neg_as_pos):
     """Four (B,) tensors of the same shape; returns neg_as_pos as bool (B,) (all False if None)."""
@@ -395,28 +396,20 @@ def cca_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta, lam, neg_as_pos=
              normalize=True):
     """Condition Contrastive Alignment loss (Chen et al., 2025, Eq. 12), official semantics.
 
-        L = -log σ(β·[log pθ(x|c) - log pφ(x|c)])
-            - λ·log σ(-β·[log pθ(x|c⁻) - log pφ(x|c⁻)])
+        L = -log σ(β·[log pθ(x|c) - log pφ(x|c)]) - λ·log σ(-β·[log pθ(x|c⁻) - log pφ(x|c⁻)])
 
-    Inputs are (B,) float tensors of sequence log-likelihoods (summed over tokens): the trainable
-    policy pθ and the frozen reference pφ, on true pairs (x, c) ("pos") and mismatched pairs
-    (x, c⁻) ("neg").
-    beta (> 0) scales the log-ratio into a logit: 1/β plays the role of the CFG strength s (the
-    optimum is exactly CFG's pφ·[p(x|c)/p(x)]^s, normalised, only with a class-wise λ*(c); one
-    scalar λ is an approximation). It multiplies a sum over N tokens, so fewer tokens want a
-    larger β.
-    lam (>= 0) weights the negatives; at small β it acts as a threshold "keep x where
-    p(c|x) > λ·p(c)", the diversity-fidelity knob.
-    neg_as_pos (bool (B,), optional) flags negative rows that are really positives (the null class
-    on both branches, or c⁻ == c): they get -log σ(+β·gap) with weight 1.
-    Both terms are averaged over the batch; with `normalize` the sum is divided by max(λ, 1), as
-    the official code does. Returns (loss, stats): stats = reward accuracy, margin, mean gap_pos,
-    mean gap_neg, as detached 0-d tensors (call float() to log them).
+    Inputs: (B,) sequence log-likelihoods (summed over tokens) of the trainable policy pθ and the
+    frozen reference pφ, on true pairs (x, c) ("pos") and mismatched pairs (x, c⁻) ("neg").
+    beta (> 0) scales the log-ratio, a sum over N tokens: fewer tokens want a larger β. lam (>= 0)
+    weights the negatives: at small β a threshold "keep x where p(c|x) > λ·p(c)".
+    neg_as_pos (bool (B,)) flags negative rows that are really positives (null class on both
+    branches, or c⁻ == c): they get -log σ(+β·gap) with weight 1. Both terms are batch means;
+    `normalize` divides by max(λ, 1), as the official code does. Returns (loss, stats): reward
+    accuracy, margin, mean gaps over the unflagged rows, detached 0-d tensors (float() to log).
 
-    Example: at zero gaps every log σ(0) = -log 2, so the loss is (1 + λ)·log 2 / max(λ, 1):
+    At zero gaps every log σ(0) = -log 2, so the loss is (1 + λ)·log 2 / max(λ, 1):
         >>> z = torch.zeros(4)
-        >>> loss, stats = cca_loss(z, z, z, z, beta=0.1, lam=10.0)
-        >>> round(loss.item(), 4)   # 11 * 0.6931 / 10
+        >>> round(cca_loss(z, z, z, z, beta=0.1, lam=10.0)[0].item(), 4)   # 11 * 0.6931 / 10
         0.7625
     """
     if not beta > 0:
@@ -455,9 +448,8 @@ def dpo_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta, lam=None, neg_as
 def unlearning_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta=None, lam, neg_as_pos=None,
                     normalize=True):
     """Unlearning baseline: -log pθ(x|c) + λ·log pθ(x|c⁻) (flagged rows count as positives,
-    weight 1). Written with gaps (the reference is a constant), so it is 0 at initialisation with
-    the same gradient. It is unbounded below; CCA's sigmoids are what switch off pairs that are
-    already solved. beta is unused."""
+    weight 1), written with gaps: 0 at initialisation, the same gradient. Unbounded below; CCA's
+    sigmoids are what switch off solved pairs. beta is unused."""
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     flagged = _check_pairs(policy_pos, policy_neg, ref_pos, ref_neg, neg_as_pos)
@@ -475,14 +467,13 @@ LOSSES = {"cca": cca_loss, "dpo": dpo_loss, "unlearning": unlearning_loss}
 
 def contrastive_labels(labels, num_classes, uncond_ratio=0.1, collisions="positive",
                        generator=None):
-    """Pair each image with a wrong class from the same batch, as the official code does (roll by
-    one, so a row is never paired with its own label index).
+    """Pair each image with a wrong class from the same (micro-)batch, as the official code does:
+    roll by one, so a row is never paired with its own label index.
     Returns (pos_labels, neg_labels, neg_as_pos, keep), each (B,):
     - collisions (c⁻ == c, ~1/K of rows): "positive" flags them (official), "mask" drops those
       rows (keep = False), "resample" draws c⁻ = (c + U{1..K-1}) mod K, a guaranteed mismatch;
-    - uncond_ratio of the rows get the null class on both branches, flagged as positives: this
-      keeps the unconditional model alive, so CFG still works after CCA.
-
+    - uncond_ratio of the rows get the null class (id num_classes) on both branches, flagged as
+      positives: this keeps the unconditional model alive, so CFG still works after CCA.
     Example: labels [0, 1, 1, 2] roll to negatives [1, 1, 2, 0]; row 1 collides (1 == 1).
     """
     B, K = len(labels), num_classes
@@ -496,29 +487,45 @@ def contrastive_labels(labels, num_classes, uncond_ratio=0.1, collisions="positi
     pos = torch.where(uncond, K, labels)
     neg = torch.where(uncond, K, neg)
     if collisions == "mask":
-        keep = ~collide | uncond
-        neg_as_pos = uncond
-    else:
-        keep = torch.ones_like(collide)
-        neg_as_pos = uncond | collide
-    return pos, neg, neg_as_pos, keep
+        return pos, neg, uncond, ~collide | uncond
+    return pos, neg, uncond | collide, torch.ones_like(collide)
+
+
+def paired_logps(policy_logp, ref_logp, tokens, labels, num_classes, uncond_ratio=0.1,
+                 collisions="positive", generator=None):
+    """One batch as 2B rows [true pairs; negatives] through any model: policy_logp and ref_logp
+    map (tokens (R, N), labels (R,)) to (R,) sequence log-likelihoods. Returns the policy's (2B,)
+    (with gradients), the reference's (2B,) (without) and the (B,) neg_as_pos flags."""
+    pos, neg, flags, keep = contrastive_labels(labels, num_classes, uncond_ratio, collisions,
+                                               generator)
+    tokens, pos, neg, flags = tokens[keep], pos[keep], neg[keep], flags[keep]
+    both_tokens, both_labels = torch.cat([tokens, tokens]), torch.cat([pos, neg])  # (2B, N)
+    logp = policy_logp(both_tokens, both_labels)                                   # (2B,)
+    with torch.no_grad():
+        ref = ref_logp(both_tokens, both_labels)
+    return logp, ref, flags
+
+
+def cca_batch_loss(policy_logp, ref_logp, tokens, labels, num_classes, loss="cca", beta=0.1,
+                   lam=10.0, uncond_ratio=0.1, collisions="positive", generator=None):
+    """The loss of one (micro-)batch for any model (callables as in paired_logps): tokens (B, N),
+    labels (B,) -> (loss, stats). The policy runs on 2B rows with gradients, the reference
+    without."""
+    logp, ref, flags = paired_logps(policy_logp, ref_logp, tokens, labels, num_classes,
+                                    uncond_ratio, collisions, generator)
+    B = len(flags)
+    return LOSSES[loss](logp[:B], logp[B:], ref[:B], ref[B:], beta=beta, lam=lam,
+                        neg_as_pos=flags)
 
 
 def cca_step_loss(policy, reference, tokens, labels, loss="cca", beta=0.1, lam=10.0,
                   uncond_ratio=0.1, collisions="positive", generator=None):
-    """One fine-tuning batch: the policy runs on 2B rows with gradients, the frozen reference on
-    the same 2B rows without. tokens (B, N), labels (B,) -> (loss, stats)."""
-    K = reference.config.num_classes
-    pos, neg, flags, keep = contrastive_labels(labels, K, uncond_ratio, collisions, generator)
-    tokens, pos, neg, flags = tokens[keep], pos[keep], neg[keep], flags[keep]
-    both_tokens = torch.cat([tokens, tokens])                                # (2B, N)
-    both_labels = torch.cat([pos, neg])                                      # (2B,)
-    logp = sequence_logprob(policy(both_tokens, both_labels), both_tokens)   # (2B,)
-    with torch.no_grad():
-        ref = sequence_logprob(reference(both_tokens, both_labels), both_tokens)
-    B = len(tokens)
-    return LOSSES[loss](logp[:B], logp[B:], ref[:B], ref[B:], beta=beta, lam=lam,
-                        neg_as_pos=flags)
+    """cca_batch_loss for this file's GPT: model(tokens, labels) gives logits (B, N, V)."""
+    def logp_of(model):
+        return lambda x, c: sequence_logprob(model(x, c), x)
+    return cca_batch_loss(logp_of(policy), logp_of(reference), tokens, labels,
+                          reference.config.num_classes, loss, beta, lam, uncond_ratio,
+                          collisions, generator)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1148,6 +1155,65 @@ def load_gpt(ckpt, device):
 # checkpoints and resume, the reference judges (loading, training, choosing), figures and files,
 # the benchmark, the command line.
 # =================================================================================================
+
+# Porting kit: with section 5 and sequence_logprob, all that CCA needs in another codebase (torch
+# only; docs/porting.md says what to copy). Every source of randomness switched off, and restored;
+# the step-0 self-check.
+
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                   nn.FeatureAlphaDropout)
+
+
+def _random_settings(model):
+    """(module name, module, attribute, value) for every nonzero source of randomness that a walk
+    over the modules finds: the p of dropout modules, and every float attribute of a module whose
+    name says drop (drop-path's drop_prob, LlamaGen's attn_dropout_p and its label embedder's
+    dropout_prob, VAR's cond_drop_rate and attn_drop)."""
+    found = []
+    for path, module in model.named_modules():
+        for name, value in vars(module).items():
+            probability = name == "p" if isinstance(module, DROPOUT_MODULES) else "drop" in name
+            if probability and isinstance(value, float) and value != 0.0:
+                found.append((path, module, name, value))
+    return found
+
+
+@contextlib.contextmanager
+def no_randomness(*models):
+    """Inside the block every source of randomness found in `models` is 0 (the modes stay as they
+    are: LlamaGen's teacher-forcing pass needs train mode); on leaving, every value is restored.
+    Yields what it changed, as (module name, attribute, old value). Wrap a whole fine-tune in it
+    for a dropout-off recipe, or only the step-0 self-check for a keep-dropout one. Randomness
+    written inline (a literal F.dropout(x, 0.1), torch.rand in forward) is not found: the
+    self-check is what catches it."""
+    found = [entry for model in models for entry in _random_settings(model)]
+    try:
+        for _, module, name, _ in found:
+            setattr(module, name, 0.0)
+        yield [(path, name, value) for path, _, name, value in found]
+    finally:
+        for _, module, name, value in found:
+            setattr(module, name, value)
+
+
+def step0_self_check(policy_logp, ref_logp, tokens, labels, num_classes, *, lam, models=(),
+                     uncond_ratio=0.1):
+    """Run before the first update, the policy holding the reference's weights. Every source of
+    randomness in `models` is switched off for the check and restored after it. Returns the
+    largest |log pθ - log pφ| over the 2B rows (exactly 0 when the two passes are deterministic)
+    and loss - log 2·(1 + mean w)/max(λ, 1), w = 1 on flagged rows and λ elsewhere (0 up to float
+    rounding, ~1e-7). A nonzero gap: something random is left, or the weights or callables differ."""
+    with no_randomness(*models), torch.no_grad():
+        logp, ref, flags = paired_logps(policy_logp, ref_logp, tokens, labels, num_classes,
+                                        uncond_ratio)
+    B = len(flags)
+    loss, _ = cca_loss(logp[:B], logp[B:], ref[:B], ref[B:], beta=1.0, lam=lam, neg_as_pos=flags)
+    weight = torch.where(flags, 1.0, float(lam))
+    closed_form = math.log(2) * (1 + weight.mean().item()) / max(lam, 1.0)
+    return (logp - ref).abs().max().item(), loss.item() - closed_form
+
+
+# -------------------------------------------------------------------------------------------------
 
 # Settings and input validation
 

@@ -1015,3 +1015,115 @@ def show_solution(name):
 
 
 # (end of exercise checkers)
+
+
+# ---- 03_porting checkers ----
+# Self-contained: its own imports; minicca only for sequence_logprob (the shipped function).
+import torch as _torch  # noqa: E402
+
+import minicca as _minicca  # noqa: E402
+
+_NOISE_SOURCES = {"p", "drop_prob", "attn_dropout_p", "dropout_prob"}
+
+
+def _verdict(mistake, verbose):
+    if mistake is None:
+        if verbose:
+            print("accepted")
+        return True
+    if verbose:
+        print(f"not yet: {mistake}")
+    return False
+
+
+def check_remaining_noise(answer, verbose=True):
+    """Exercise 'which noise source remains': the set of attribute names still injecting noise into
+    the stand-in after every nn.Dropout's p is set to 0 (the names that no_randomness reports)."""
+    answer = set(answer)
+    if "p" in answer:
+        mistake = "listed p: every nn.Dropout's p is already 0"
+    elif "drop_prob" not in answer:
+        mistake = "missed drop path (DropPath.drop_prob), a module but no nn.Dropout"
+    elif "attn_dropout_p" not in answer:
+        mistake = "missed the attention-dropout float (Attention.attn_dropout_p), passed to SDPA"
+    elif "dropout_prob" not in answer:
+        mistake = "missed label dropout in the embedder (LabelEmbedder.dropout_prob)"
+    elif answer - _NOISE_SOURCES:
+        mistake = f"{sorted(answer - _NOISE_SOURCES)} inject no noise in the stand-in"
+    else:
+        mistake = None
+    return _verdict(mistake, verbose)
+
+
+def check_official_accuracy_bound(answer, verbose=True):
+    """Exercise 'predict the official reward accuracy's ceiling': answer(rows, flagged) -> the
+    largest reward accuracy averaged over all rows, as the official scripts log it, when
+    `flagged` of the `rows` are flagged and randomness is off."""
+    cases = [(512, 80), (64, 0), (2, 2), (10, 3)]
+    got = [float(answer(rows, flagged)) for rows, flagged in cases]
+    right = [(rows - flagged) / rows for rows, flagged in cases]
+    if all(abs(g - r) < 1e-9 for g, r in zip(got, right)):
+        return _verdict(None, verbose)
+    if all(abs(g - 1.0) < 1e-9 for g in got):
+        mistake = "1.0: a flagged row has equal gaps on both branches, so it never wins"
+    elif all(abs(g - f / r) < 1e-9 for g, (r, f) in zip(got, cases)):
+        mistake = "the flagged share: it is the unflagged rows that can win"
+    elif all(abs(g - 0.9) < 1e-9 for g in got):
+        mistake = "1 - uncond_ratio: collisions are flagged too; use the flagged count given"
+    else:
+        mistake = f"wrong values {got} for (rows, flagged) = {cases}"
+    return _verdict(mistake, verbose)
+
+
+class TinyNextTokenModel(_torch.nn.Module):
+    """The model of the exercise 'wire the log-likelihood': forward(tokens, labels) returns
+    {"logits": (B, N, V)} where the class sits at position 0 of the input and logits[:, i]
+    predicts tokens[:, i + 1]... except for i = N - 1; the first token is predicted by
+    model.first_logits(labels) -> (B, V)."""
+
+    def __init__(self, vocab=7, num_classes=3, dim=8, seed=0):
+        super().__init__()
+        g = _torch.Generator().manual_seed(seed)
+        self.tok = _torch.nn.Parameter(_torch.randn(vocab, dim, generator=g))
+        self.cls = _torch.nn.Parameter(_torch.randn(num_classes + 1, dim, generator=g))
+        self.out = _torch.nn.Parameter(_torch.randn(dim, vocab, generator=g))
+
+    def first_logits(self, labels):
+        return self.cls[labels] @ self.out                                  # (B, V)
+
+    def forward(self, tokens, labels):
+        h = self.tok[tokens].cumsum(1) + self.cls[labels][:, None]          # (B, N, D)
+        return {"logits": h @ self.out, "loss": _torch.tensor(0.0)}
+
+
+def _true_logp(model, tokens, labels):
+    first = model.first_logits(labels).log_softmax(-1).gather(1, tokens[:, :1]).squeeze(1)
+    rest = model(tokens, labels)["logits"][:, :-1].log_softmax(-1)
+    return first + rest.gather(2, tokens[:, 1:, None]).squeeze(2).sum(1)
+
+
+def check_wire_logp(answer, verbose=True):
+    """Exercise 'wire the log-likelihood': answer(model) -> callable (tokens, labels) -> (B,)
+    sequence log-likelihoods for TinyNextTokenModel."""
+    model = TinyNextTokenModel(seed=1)
+    g = _torch.Generator().manual_seed(2)
+    tokens, labels = _torch.randint(0, 7, (5, 6), generator=g), _torch.randint(0, 4, (5,),
+                                                                              generator=g)
+    try:
+        got = answer(model)(tokens, labels)
+    except Exception as error:  # noqa: BLE001  (report it as the mistake)
+        return _verdict(f"it raised {type(error).__name__}: {error}", verbose)
+    right = _true_logp(model, tokens, labels)
+    logits = model(tokens, labels)["logits"]
+    if not _torch.is_tensor(got) or got.shape != (5,):
+        shape = tuple(got.shape) if _torch.is_tensor(got) else type(got).__name__
+        mistake = f"returned {shape}, not (B,): sum the token log-probabilities per sequence"
+    elif _torch.allclose(got, right, atol=1e-4):
+        mistake = None
+    elif _torch.allclose(got, _minicca.sequence_logprob(logits, tokens), atol=1e-4):
+        mistake = "off by one: logits[:, i] predicts tokens[:, i + 1] in this model"
+    elif _torch.allclose(got, right - _true_logp(model, tokens[:, :1], labels), atol=1e-4):
+        mistake = "left out the first token (model.first_logits predicts it)"
+    else:
+        mistake = "not the sum over the N tokens of log p(x_i | c, x_<i)"
+    return _verdict(mistake, verbose)
