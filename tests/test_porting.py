@@ -464,7 +464,7 @@ def test_the_documents_var_adapter_splits_the_scales_and_feeds_vars_call(kit_dir
                     "of FoundationVision/LlamaGen to run the port on its own gpt.py")
 def test_the_port_on_llamagens_own_model():
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(ROOT / "docs" / "llamagen_check.py"),
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "llamagen_check.py"),
                            os.environ["LLAMAGEN_DIR"]], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The port of docs/porting.md on LlamaGen's own model: python docs/llamagen_check.py LLAMAGEN_DIR
+"""The port of docs/porting.md on LlamaGen's own model: python tools/llamagen_check.py LLAMAGEN_DIR
 
 LLAMAGEN_DIR is a checkout of FoundationVision/LlamaGen. This imports its
 autoregressive/models/gpt.py and generate.py, builds tiny class-conditional Transformers with
