@@ -425,14 +425,41 @@ def test_the_documents_self_check_block_runs(kit_dir):
     kit, model = load_kit(kit_dir), standin()
     base = model.build_standin(load_checkpoint("gpt.pt"))
     tokens, labels = random_batch(16, 10, seed=6)
-    namespace = {"__name__": "doc", "base": base, "tokens": tokens, "labels": labels, "K": 10,
-                 "lam": 10.0, "adapter": llamagen_adapter(kit).llamagen_logp,
+    before = settings(base)
+    namespace = {"__name__": "doc", "base": base, "tokens": tokens, "labels": labels,
+                 "llamagen_logp": llamagen_adapter(kit).llamagen_logp,
                  "no_randomness": kit.no_randomness, "step0_self_check": kit.step0_self_check}
     code = doc_block("# the step-0 self-check").replace(
         "from cca_kit import no_randomness, step0_self_check\n", "")
     exec(compile(code, "self-check block", "exec"), namespace)
-    assert namespace["max_gap"] == 0.0
-    assert {name for _, name, _ in namespace["changed"]} == NOISE
+    assert namespace["max_gap"] == 0.0 and namespace["K"] == 10
+    changed = namespace["changed"]
+    assert {name for _, name, _ in changed} == NOISE and len(changed) == 2 * len(before)
+    # afterwards: every source restored for a keep-dropout recipe, except label dropout (off)
+    no_labels = [entry for entry in before if entry[1] != "dropout_prob"]
+    assert len(no_labels) < len(before)
+    for model_ in (namespace["policy"], namespace["reference"]):
+        assert settings(model_) == no_labels and model_.cls_embedding.dropout_prob == 0.0
+
+
+def test_a_zero_output_layer_hides_dropout_from_the_self_check(kit_dir):
+    """What docs/porting.md warns of: LlamaGen zero-initialises its output layer, so a freshly built
+    model passes the check with every noise source on; randomising the layer exposes the noise."""
+    kit, model = load_kit(kit_dir), standin()
+    port = llamagen_adapter(kit)
+    policy = model.build_standin(load_checkpoint("gpt.pt"))
+    torch.nn.init.zeros_(policy.output.weight)
+    reference = copy.deepcopy(policy)
+    tokens, labels = random_batch(16, 10, seed=7)
+    torch.manual_seed(0)
+
+    def check():
+        return kit.step0_self_check(port.llamagen_logp(policy), port.llamagen_logp(reference),
+                                    tokens, labels, 10, lam=10.0)[0]
+    assert check() == 0.0                                      # noise on, and the check passes
+    torch.nn.init.normal_(policy.output.weight, std=0.02)
+    reference.load_state_dict(policy.state_dict())
+    assert check() > 0.01
 
 
 def test_the_documents_var_adapter_splits_the_scales_and_feeds_vars_call(kit_dir):
