@@ -10,10 +10,18 @@ do, and that those outputs were made with today's minicca.py: every notebook's f
 prints `minicca.py sha256: <16 hex digits>` of the file it imported, and the committed value must
 equal the current file's hash. TMPDIR points into pytest's tmp_path, so whatever a notebook writes
 to temporary folders is cleaned up with it.
+
+The exercises: every notebooks/instructor/solutions_*.py lists, per checker of notebooks/course.py,
+the instructor's answer (which the checker must accept) and named wrong answers (which it must
+reject, printing the mistake's name); nothing a student notebook runs may read those files.
 """
+import contextlib
 import hashlib
+import importlib.util
+import io
 import pathlib
 import re
+import sys
 
 import pytest
 
@@ -23,6 +31,7 @@ nbclient = pytest.importorskip("nbclient")
 REPO_DIR = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_DIR / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+SOLUTION_FILES = sorted((NOTEBOOKS_DIR / "instructor").glob("solutions_*.py"))
 CELL_TIMEOUT = 600  # seconds per cell; in quick mode the slowest cell takes well under a minute
 FIRST_CELL = re.compile(r"quick mode: (True|False)\nminicca\.py sha256: ([0-9a-f]{16})\n")
 RERUN = ("re-run the notebooks in full: "
@@ -82,6 +91,50 @@ def test_notebook_trains_the_checkpoints_when_they_are_absent(name, monkeypatch,
     nb = execute_quick(NOTEBOOKS_DIR / name, monkeypatch, tmp_path,
                        MINICCA_PRETRAINED=str(tmp_path / "absent"))
     assert "training them with --preset micro" in stream_text(nb)
+
+
+def load_module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_notebook_has_instructor_solutions():
+    """00, 01 and 02 each have a solutions file: their exercises are graded."""
+    assert {p.name for p in SOLUTION_FILES} >= {f"solutions_0{k}.py" for k in range(3)}
+
+
+@pytest.mark.parametrize("path", SOLUTION_FILES, ids=lambda p: p.name)
+def test_checkers_accept_the_solutions_and_name_the_mistakes(path):
+    """Each checker in course.py accepts the instructor's answer and rejects every wrong answer
+    listed for it, printing that mistake's name; every checker has at least one wrong answer."""
+    sys.path.insert(0, str(NOTEBOOKS_DIR))
+    try:
+        course = load_module(NOTEBOOKS_DIR / "course.py", "course")
+    finally:
+        sys.path.remove(str(NOTEBOOKS_DIR))
+    solutions = load_module(path, path.stem)
+    assert solutions.SOLUTIONS and set(solutions.WRONG) == set(solutions.SOLUTIONS), path.name
+    for name, answer in solutions.SOLUTIONS.items():
+        assert getattr(course, name)(answer, verbose=False) is True, f"{name} rejects its solution"
+        for mistake, wrong in solutions.WRONG[name]:
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                accepted = getattr(course, name)(wrong)
+            assert accepted is False, f"{name} accepts the wrong answer {mistake!r}"
+            assert mistake in printed.getvalue(), \
+                f"{name} did not name {mistake!r}; it printed {printed.getvalue()!r}"
+
+
+def test_student_files_hold_no_solutions():
+    """Nothing a student notebook runs or imports reads the solutions or carries them."""
+    course = (NOTEBOOKS_DIR / "course.py").read_text(encoding="utf-8")
+    code = [c.source for p in NOTEBOOKS for c in nbformat.read(str(p), as_version=4).cells
+            if c.cell_type == "code"]
+    for text in [course] + code:
+        assert not re.search(r"(import|from)\s+instructor|solutions_\d", text), text[:200]
+    assert not re.search(r"def (_solution\w*|solution|show_solution)\(", course)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
