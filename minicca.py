@@ -1695,22 +1695,6 @@ def saves_for(name, partial, config, device, args):
     return Saves(partial, config, device, args.save_every, resume)
 
 
-def export_pretrained(run_dir, dest=PRETRAINED):
-    """Copy the default run's checkpoints (python minicca.py --out run_dir) into
-    tiny_data/pretrained, float weights stored as float16 to halve their size; --pretrained
-    starts from them."""
-    os.makedirs(dest, exist_ok=True)
-    cca_file = cca_name({**COMMON, **PRESETS["cpu"]}) + ".pt"
-    for f in ["tokenizer.pt", "gpt.pt", cca_file]:  # the judge is shipped on its own
-        ckpt = load_checkpoint(os.path.join(run_dir, f))
-        ckpt["model"] = {k: v.half() if v.is_floating_point() else v
-                         for k, v in ckpt["model"].items()}
-        save_checkpoint(ckpt, os.path.join(dest, f))
-        print(f"{os.path.join(dest, f)}: {os.path.getsize(os.path.join(dest, f)) / 2**20:.2f} MiB")
-
-
-
-
 # The shipped reference judges
 
 JUDGES = {"mnist": os.path.join(HERE, "tiny_data", "judge_mnist.pt"),
@@ -1718,13 +1702,13 @@ JUDGES = {"mnist": os.path.join(HERE, "tiny_data", "judge_mnist.pt"),
 
 
 def load_judge(name_or_path, device="cpu"):
-    """A shipped judge by name ("mnist", "cifar10": JUDGES) or a file from `python minicca.py
-    judge`: a JudgeNet in eval mode with float32 weights on `device`. judge.info holds how it was
-    made: classes, image_shape (H, W, C), test_accuracy (single view), test_accuracy_flip,
-    command, data (fingerprint), epochs, seconds, machine, date."""
+    """A shipped judge by name ("mnist", "cifar10": JUDGES) or a file from tools/make_judge.py: a
+    JudgeNet in eval mode with float32 weights on `device`. judge.info holds how it was made:
+    classes, image_shape (H, W, C), test_accuracy (single view), test_accuracy_flip, command,
+    data (fingerprint), epochs, seconds, machine, date."""
     path = JUDGES.get(name_or_path, name_or_path)
     if not os.path.isfile(path):
-        raise UserError(f"no judge file {path} (make one: python minicca.py judge --dataset ...)")
+        raise UserError(f"no judge file {path} (make one: python tools/make_judge.py --dataset ...)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     judge = JudgeNet(**ckpt["config"])
     judge.load_state_dict({k: v.float() if v.is_floating_point() else v
@@ -1734,7 +1718,7 @@ def load_judge(name_or_path, device="cpu"):
     return judge.to(device).eval()
 
 
-# Training the reference judges (python minicca.py judge): any fixed, accurate classifier
+# Training the reference judges (tools/make_judge.py): any fixed, accurate classifier
 # would do; this recipe follows the fast CIFAR-10 ones
 
 JUDGE_EPOCHS = {1: 2.0, 3: 16.0}  # by channels: digits need few passes (see tiny_data/README.md)
@@ -1796,65 +1780,6 @@ def bf16_is_fast(device):
         return True
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return device.type == "cpu" and check is not None and check()
-
-
-def judge_accuracy(judge, data, device):
-    """Test accuracy of a judge, single view and averaged over the image and its mirror (flip
-    test-time averaging: what classify and evaluate use for a loaded RGB judge; None for one
-    channel). `judge` is a freshly trained net, without flip_average."""
-    y = torch.from_numpy(data["y_test"])
-    probs = classify(judge, data["x_test"], device)[1]
-    single = probs.argmax(1).eq(y).float().mean().item()
-    if data["x_test"].shape[3] != 3:
-        return single, None
-    mirrored = classify(judge, to_float(data["x_test"]).flip(3), device)[1]
-    return single, (probs + mirrored).argmax(1).eq(y).float().mean().item()
-
-
-# The reference judges: `python minicca.py judge` trains one and stores it for load_judge
-
-def make_judge(args):
-    """python minicca.py judge --dataset D: train a JudgeNet (train_judge) on D's training images,
-    measure it on D's test images, store it with float16 weights and its metadata (load_judge reads
-    both), default tiny_data/judge_<name>.pt, and print the test accuracy."""
-    device = pick_device(args.device)
-    data = load_dataset(args.dataset, args.data_root)
-    out = args.out or os.path.join(HERE, "tiny_data", f"judge_{dataset_name(args.dataset)}.pt")
-    if os.path.dirname(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    H, W, C = data["x_train"].shape[1:]
-    epochs = args.judge_epochs or JUDGE_EPOCHS.get(C, JUDGE_EPOCHS[3])
-    print(f"minicca judge: {len(data['x_train'])} train / {len(data['x_test'])} test images "
-          f"{H}x{W}x{C}, {len(data['classes'])} classes; {epochs:g} epochs on {device}; out {out}")
-    t0 = time.time()
-    judge = train_judge(data, epochs, args.seed, device).cpu().float()
-    seconds = time.time() - t0
-    half = {k: v.half() if v.is_floating_point() else v for k, v in judge.state_dict().items()}
-    judge.load_state_dict(half)  # measure the weights that are shipped: float16, rounded
-    single, flip = judge_accuracy(judge, data, torch.device("cpu"))
-    info = {"classes": [str(c) for c in data["classes"]], "image_shape": [H, W, C],
-            "test_accuracy": single, "test_accuracy_flip": flip, "epochs": epochs,
-            "seed": args.seed, "data": fingerprint(data), "command": args.command_line,
-            "seconds": seconds, "machine": machine(device),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    save_checkpoint({"model": half, "config": judge.config, "info": info}, out)
-    print(f"[judge] test accuracy {single:.2%} single view"
-          + (f", {flip:.2%} with flip averaging (what classify and evaluate use for RGB)"
-             if flip is not None else " (what classify and evaluate use)")
-          + f"; trained in {seconds / 60:.1f} min; wrote {out} "
-          f"({os.path.getsize(out) / 2**10:.0f} KiB)")
-
-
-def machine(device):
-    """A one-line description of where something was measured: CPU model and threads, or the GPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = "CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"{model}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
 
 
 # Which judge scores a run, and training a per-run judge (.npz datasets, --judge train)
@@ -2251,18 +2176,15 @@ def parse_args(argv=None):
         epilog="Several GPUs: torchrun --standalone --nproc_per_node=N minicca.py [flags] trains "
                "every stage with DDP (NCCL; Gloo on CPU); --batch-size is then the global batch.")
     p.add_argument("command", nargs="?", default="run",
-                   choices=["run", "tokenizer", "bench", "judge"],
+                   choices=["run", "tokenizer", "bench"],
                    help="run: the pipeline; tokenizer: its first stage alone (a later run in "
-                   "the same --out reuses it); bench: sampling and training speed ratios; "
-                   "judge: train the reference judge of --dataset (writes --out, default "
-                   "tiny_data/judge_<dataset>.pt)")
+                   "the same --out reuses it); bench: sampling and training speed ratios")
     g = p.add_argument_group("run")
     g.add_argument("--dataset", default=None, help="mnist | cifar10 | path/to/data.npz "
                    "(default: the MNIST subset in tiny_data/, offline)")
     g.add_argument("--data-root", default="data",
                    help="where torchvision's MNIST/CIFAR10 files are or go")
-    g.add_argument("--out", default=None, help="output folder (default runs/<dataset>); for "
-                   "the judge command, the judge file")
+    g.add_argument("--out", default=None, help="output folder (default runs/<dataset>)")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="micro (tests), cpu (a laptop), cpu_rgb (a laptop, RGB images such as "
                    "CIFAR-10), gpu (one GPU); default: gpu on a GPU; on a CPU cpu_rgb for RGB "
@@ -2347,11 +2269,7 @@ def parse_args(argv=None):
                    help="CFG scales of the sweep (default: the preset's)")
     g.add_argument("--sweep-lam", type=float, nargs="+",
                    help="λ values of the sweep, one fine-tune each")
-    g = p.add_argument_group("judge command")
-    g.add_argument("--judge-epochs", type=float, help=f"epochs of the reference judge (default: "
-                   f"{JUDGE_EPOCHS[1]:g} for one-channel images, {JUDGE_EPOCHS[3]:g} for RGB)")
     args = p.parse_args(argv)
-    args.command_line = " ".join(["python minicca.py", *(sys.argv[1:] if argv is None else argv)])
     args.redo = sorted({s for r in args.retrain for s in REDO[r]})
     return args
 
@@ -2361,8 +2279,6 @@ def main(argv=None):
     try:
         if args.command == "bench":
             bench(args)
-        elif args.command == "judge":
-            make_judge(args)
         elif args.command == "tokenizer":
             stage_tokenizer(setup(args))
         else:

@@ -1,15 +1,21 @@
-"""The shipped reference judges (tiny_data/judge_*.pt) and the `judge` command that makes them.
+"""The shipped reference judges (tiny_data/judge_*.pt) and tools/make_judge.py that makes them.
 
-The full test accuracies are measured by `python minicca.py judge` and stated in
+The full test accuracies are measured by `python tools/make_judge.py` and stated in
 tiny_data/README.md; here: the files load with weights_only=True, the MNIST judge still classifies
 the tiny subset's test digits, the CIFAR-10 judge maps 32x32 RGB images to 10-way probabilities,
 and the command writes a loadable judge (on a small synthetic .npz, one epoch).
 """
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import minicca
+
+sys.path.insert(0, os.path.join(os.path.dirname(minicca.__file__), "tools"))
+import make_judge  # noqa: E402
 
 
 @pytest.mark.parametrize("name, shape, classes", [("mnist", [28, 28, 1], 10),
@@ -48,7 +54,7 @@ def test_judge_command_writes_a_loadable_judge(tmp_path, capsys):
     np.savez(npz, x_train=images[:64], y_train=np.arange(64) % 3, x_test=images[64:],
              y_test=np.arange(30) % 3, classes=np.array(["a", "b", "c"]))
     out = tmp_path / "judge.pt"
-    minicca.main(["judge", "--dataset", str(npz), "--judge-epochs", "1", "--out", str(out)])
+    make_judge.main(["--dataset", str(npz), "--judge-epochs", "1", "--out", str(out)])
     judge = minicca.load_judge(str(out))
     assert judge.info["classes"] == ["a", "b", "c"]
     assert judge.info["image_shape"] == [16, 16, 3]
