@@ -58,12 +58,15 @@ def main(argv=None):
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
     H, W, C = data["x_train"].shape[1:]
-    epochs = args.judge_epochs or minicca.JUDGE_EPOCHS.get(C, minicca.JUDGE_EPOCHS[3])
+    epochs = args.judge_epochs or minicca.JUDGE_RECIPE["epochs"][C]
     print(f"make_judge: {len(data['x_train'])} train / {len(data['x_test'])} test images "
           f"{H}x{W}x{C}, {len(data['classes'])} classes; {epochs:g} epochs on {device}; out {out}")
     t0 = time.time()
-    judge = minicca.train_judge(data, epochs, args.seed, device).cpu().float()
+    trained = minicca.train_judge(data, epochs, minicca.COMMON["judge_width"], args.seed, device)
     seconds = time.time() - t0
+    judge = minicca.JudgeNet(C, len(data["classes"]), minicca.COMMON["judge_width"])
+    judge.load_state_dict(trained["model"])
+    judge = judge.float().eval()
     half = {k: v.half() if v.is_floating_point() else v for k, v in judge.state_dict().items()}
     judge.load_state_dict(half)  # measure the weights that are shipped: float16, rounded
     single, flip = judge_accuracy(judge, data, torch.device("cpu"))
