@@ -1031,15 +1031,21 @@ PRESETS = {
 COMMON = dict(  # the same for every preset unless it says otherwise
     vq_lr_floor=1.0,     # the tokenizer's final rate / vq_lr (1.0: constant)
     vq_ae_warmup=0.05,   # share of vq_steps spent as a plain autoencoder (see train_tokenizer)
-    vq_l2_norm=True, cond_dropout=0.1, cfg=2.0, temperature=1.0, top_k=None, top_p=None,
+    vq_l2_norm=True,     # look codes up by cosine (ViT-VQGAN, LlamaGen)
+    cond_dropout=0.1,    # LlamaGen's share of null-class rows in pretraining
+    cfg=2.0,             # the best FID of the CFG sweep on the default data (README)
+    temperature=1.0, top_k=None, top_p=None,
     weight_decay=0.05,   # AdamW's, on matrices only, for pretraining and CCA
     grad_clip=1.0,       # max gradient norm of a GPT or tokenizer step (nanoGPT's)
     loss="cca",
     beta=0.1,            # β·N ≈ 5 for N = 49 tokens: the log-ratio of a sequence, not a token
-    lam=10.0, uncond_ratio=0.1, collisions="positive", cca_epochs=1.0,
+    lam=10.0,            # kept after the MNIST sweeps (README); the paper tunes λ per model
+    uncond_ratio=0.1,    # the official code's: the pretraining condition-dropout rate
+    collisions="positive", cca_epochs=1.0,
     judge_width=32,      # JudgeNet's w: 4w = 128-d features, Inception's role
     judge_epochs=None,   # None: JUDGE_RECIPE's epochs for the images' channels
-    eval_seeds=3, precision=None, samples_per_class=10,
+    eval_seeds=3,        # sets of samples per table row: the fewest that give a spread
+    precision=None, samples_per_class=10,
     sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0], sweep_lam=[1.0, 3.0, 10.0, 30.0, 100.0])
 # The judge's recipe, after the fast CIFAR-10 ones (Page's ResNet-9; Jordan's airbench): SGD with
 # Nesterov momentum, the rate warmed up linearly over `warmup` of the steps then decayed linearly
@@ -1180,36 +1186,35 @@ def checked_settings(args, preset, device):
     settings = {**COMMON, **PRESETS[preset]}
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
     settings["precision"] = resolve_precision(settings["precision"], device)
-    P = settings  # short, for the table of rules
     checks = [
-        ("beta", P["beta"] > 0, "> 0"),
-        ("lam", P["lam"] >= 0, ">= 0"),
-        ("uncond-ratio", 0 <= P["uncond_ratio"] < 1, "in [0, 1)"),
-        ("cfg", P["cfg"] >= 0, ">= 0"),
-        ("temperature", P["temperature"] >= 0, ">= 0"),
-        ("top-p", P["top_p"] is None or 0 < P["top_p"] <= 1, "in (0, 1]"),
-        ("top-k", P["top_k"] is None or P["top_k"] >= 1, ">= 1"),
-        ("cond-dropout", 0 <= P["cond_dropout"] < 1, "in [0, 1)"),
-        ("batch-size", P["batch_size"] > 0, "> 0"),
-        ("steps", P["steps"] > 0, "> 0"),
-        ("vq-steps", P["vq_steps"] > 0, "> 0"),
-        ("vq-batch", P["vq_batch"] > 0, "> 0"),
-        ("cca-epochs", P["cca_epochs"] > 0, "> 0"),
-        ("judge-epochs", P["judge_epochs"] is None or P["judge_epochs"] > 0, "> 0"),
-        ("eval-samples", P["eval_samples"] > 0, "> 0"),
-        ("eval-seeds", P["eval_seeds"] > 0, "> 0"),
-        ("samples-per-class", P["samples_per_class"] > 0, "> 0"),
-        ("lr", P["lr"] > 0, "> 0"),
-        ("cca-lr", P["cca_lr"] > 0, "> 0"),
-        ("n-layer", P["n_layer"] > 0, "> 0"),
-        ("n-embd", P["n_embd"] > 0, "> 0"),
-        ("n-head", P["n_head"] > 0, "> 0"),
-        ("n-embd", P["n_embd"] % max(P["n_head"], 1) == 0, "a multiple of --n-head"),
-        ("dropout", 0 <= P["dropout"] < 1, "in [0, 1)"),
-        ("codebook-size", P["codebook_size"] >= 2, ">= 2"),
+        ("beta", settings["beta"] > 0, "> 0"),
+        ("lam", settings["lam"] >= 0, ">= 0"),
+        ("uncond-ratio", 0 <= settings["uncond_ratio"] < 1, "in [0, 1)"),
+        ("cfg", settings["cfg"] >= 0, ">= 0"),
+        ("temperature", settings["temperature"] >= 0, ">= 0"),
+        ("top-p", settings["top_p"] is None or 0 < settings["top_p"] <= 1, "in (0, 1]"),
+        ("top-k", settings["top_k"] is None or settings["top_k"] >= 1, ">= 1"),
+        ("cond-dropout", 0 <= settings["cond_dropout"] < 1, "in [0, 1)"),
+        ("batch-size", settings["batch_size"] > 0, "> 0"),
+        ("steps", settings["steps"] > 0, "> 0"),
+        ("vq-steps", settings["vq_steps"] > 0, "> 0"),
+        ("vq-batch", settings["vq_batch"] > 0, "> 0"),
+        ("cca-epochs", settings["cca_epochs"] > 0, "> 0"),
+        ("judge-epochs", settings["judge_epochs"] is None or settings["judge_epochs"] > 0, "> 0"),
+        ("eval-samples", settings["eval_samples"] > 0, "> 0"),
+        ("eval-seeds", settings["eval_seeds"] > 0, "> 0"),
+        ("samples-per-class", settings["samples_per_class"] > 0, "> 0"),
+        ("lr", settings["lr"] > 0, "> 0"),
+        ("cca-lr", settings["cca_lr"] > 0, "> 0"),
+        ("n-layer", settings["n_layer"] > 0, "> 0"),
+        ("n-embd", settings["n_embd"] > 0, "> 0"),
+        ("n-head", settings["n_head"] > 0, "> 0"),
+        ("n-embd", settings["n_embd"] % max(settings["n_head"], 1) == 0, "a multiple of --n-head"),
+        ("dropout", 0 <= settings["dropout"] < 1, "in [0, 1)"),
+        ("codebook-size", settings["codebook_size"] >= 2, ">= 2"),
         ("seed", args.seed >= 0, ">= 0"),
         ("save-every", args.save_every >= 0, ">= 0 (0: never)"),
-        ("batch-size", P["batch_size"] % WORLD == 0, f"a multiple of the {WORLD} processes"),
+        ("batch-size", settings["batch_size"] % WORLD == 0, f"a multiple of the {WORLD} processes"),
     ]
     for flag, ok, what in checks:
         if not ok:
@@ -2179,6 +2184,55 @@ def warn_estimate(settings, grid, K, device):
 
 # The command line
 
+# The flags that set the setting of the same name (--vq-steps: vq_steps), by group: (flag, type,
+# what it sets); a list type is a choice of names or ([float]) a list of numbers. Left unset they
+# keep the preset's value; --help states the defaults from COMMON and PRESETS.
+SETTING_FLAGS = {
+    "tokenizer": [
+        ("vq-steps", int, "tokenizer optimizer steps"), ("vq-hidden", int, "tokenizer conv width"),
+        ("vq-batch", int, "tokenizer batch size"),
+        ("codebook-size", int, "codes in the codebook = the GPT's vocabulary"),
+        ("vq-l2-norm", bool, "look codes up by cosine (on) or by plain distance (off)")],
+    "pretraining": [
+        ("n-layer", int, "transformer blocks"), ("n-head", int, "attention heads"),
+        ("n-embd", int, "width"), ("dropout", float, "dropout in the GPT"),
+        ("steps", int, "pretraining optimizer steps"),
+        ("batch-size", int, "GPT and CCA batch size (under torchrun: the global batch)"),
+        ("lr", float, "pretraining peak learning rate (cosine schedule)"),
+        ("cond-dropout", float, "probability of the null class in pretraining")],
+    "sampling": [
+        ("cfg", float, "CFG scale w (LlamaGen's convention: 1 = no guidance)"),
+        ("temperature", float, "sampling temperature (0 = greedy)"),
+        ("top-k", int, "sample among the k most likely tokens"),
+        ("top-p", float, "nucleus sampling: the smallest set with this mass"),
+        ("samples-per-class", int, "columns of the sample grids")],
+    "CCA fine-tuning": [
+        ("loss", list(LOSSES), "cca, or the paper's baselines"),
+        ("beta", float, "β, which scales the log-likelihood ratio (see README)"),
+        ("lam", float, "λ, the weight of the negatives: the diversity-fidelity knob"),
+        ("cca-epochs", float, "passes over the training tokens"),
+        ("cca-lr", float, "constant fine-tuning learning rate"),
+        ("uncond-ratio", float, "share of rows with the null class on both branches"),
+        ("collisions", ["positive", "mask", "resample"],
+         "what to do when the rolled negative class equals the true class")],
+    "evaluation": [
+        ("eval-samples", int, "samples per table row, balanced over classes"),
+        ("eval-seeds", int, "sets of samples per table row (sampling seeds): mean ± std"),
+        ("judge-epochs", float, "epochs of a judge trained here (--judge train; None: "
+         f"{JUDGE_RECIPE['epochs'][1]:g} for one channel, {JUDGE_RECIPE['epochs'][3]:g} for RGB)"),
+        ("sweep-cfg", [float], "CFG scales of the sweep"),
+        ("sweep-lam", [float], "λ values of the sweep, one fine-tune each")],
+}
+
+
+def defaults_of(key):
+    """A setting's defaults as --help states them: COMMON's value, then each preset's own."""
+    own = "; ".join(f"{name} {values[key]}" for name, values in PRESETS.items() if key in values)
+    if key not in COMMON:
+        return f"preset: {own}"
+    return f"default {COMMON[key]}" + (f"; {own}" if own else "")
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # "(default: None)" would hide that the preset decides
         return action.help if action.default is None else super()._get_help_string(action)
@@ -2220,73 +2274,32 @@ def parse_args(argv=None):
     g.add_argument("--pretrained", action="store_true",
                    help="start from the reference checkpoints in tiny_data/pretrained (default "
                    "dataset only): straight to sampling and evaluation")
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--vq-steps", type=int, help="tokenizer optimizer steps (preset)")
-    g.add_argument("--vq-hidden", type=int, help="tokenizer conv width (preset)")
-    g.add_argument("--vq-batch", type=int, help="tokenizer batch size (preset)")
-    g.add_argument("--codebook-size", type=int,
-                   help="codes in the codebook = the GPT's vocabulary (preset)")
-    g.add_argument("--vq-l2-norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="look codes up by cosine (on) or by plain distance (off) (preset)")
-    g = p.add_argument_group("pretraining")
-    g.add_argument("--n-layer", type=int, help="transformer blocks (preset)")
-    g.add_argument("--n-head", type=int, help="attention heads (preset)")
-    g.add_argument("--n-embd", type=int, help="width (preset)")
-    g.add_argument("--dropout", type=float, help="dropout in the GPT (preset)")
-    g.add_argument("--steps", type=int, help="pretraining optimizer steps (preset)")
-    g.add_argument("--batch-size", type=int, help="GPT and CCA batch size (preset)")
-    g.add_argument("--lr", type=float,
-                   help="pretraining peak learning rate (cosine schedule) (preset)")
-    g.add_argument("--cond-dropout", type=float,
-                   help="probability of the null class in pretraining (0.1)")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--cfg", type=float, help=f"CFG scale w (LlamaGen convention: 1 = no "
-                   f"guidance); default {COMMON['cfg']}, the best FID of the sweep on the default "
-                   f"data (see README)")
-    g.add_argument("--temperature", type=float, help="sampling temperature (1; 0 = greedy)")
-    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (off)")
-    g.add_argument("--top-p", type=float,
-                   help="nucleus sampling: the smallest set with this mass (off)")
-    g.add_argument("--samples-per-class", type=int, help="columns of the sample grids (10)")
-    g = p.add_argument_group("CCA fine-tuning")
-    g.add_argument("--cca", action=argparse.BooleanOptionalAction, default=True,
-                   help="fine-tune the pretrained model with CCA (or --loss) after pretraining")
-    g.add_argument("--loss", choices=list(LOSSES),
-                   help=f"default {COMMON['loss']}; dpo and unlearning are the paper's baselines")
-    g.add_argument("--beta", type=float,
-                   help=f"default {COMMON['beta']} (β·N ≈ 5 for 49 tokens; see README)")
-    g.add_argument("--lam", type=float,
-                   help=f"default {COMMON['lam']}; cpu_rgb 30 (the diversity-fidelity knob)")
-    g.add_argument("--cca-epochs", type=float,
-                   help="passes over the training tokens (preset: 1; cpu_rgb 0.5)")
-    g.add_argument("--cca-lr", type=float,
-                   help="constant fine-tuning learning rate (preset: 0.1x --lr)")
-    g.add_argument("--uncond-ratio", type=float,
-                   help="fraction of rows with the null class on both branches")
-    g.add_argument("--collisions", choices=["positive", "mask", "resample"],
-                   help=f"what to do when the rolled negative class equals the true class; "
-                   f"default {COMMON['collisions']}")
-    g = p.add_argument_group("evaluation")
+    groups = {name: p.add_argument_group(name) for name in SETTING_FLAGS}
+    for name, flags in SETTING_FLAGS.items():
+        for flag, kind, text in flags:
+            key = flag.replace("-", "_")
+            help = f"{text} ({defaults_of(key)})"
+            if kind is bool:
+                groups[name].add_argument(f"--{flag}", action=argparse.BooleanOptionalAction,
+                                          default=None, help=help)
+            elif isinstance(kind, list):  # a list of values, or a choice of names
+                typed = dict(type=kind[0], nargs="+") if callable(kind[0]) else dict(choices=kind)
+                groups[name].add_argument(f"--{flag}", help=help, **typed)
+            else:
+                groups[name].add_argument(f"--{flag}", type=kind, help=help)
+    groups["CCA fine-tuning"].add_argument(
+        "--cca", action=argparse.BooleanOptionalAction, default=True,
+        help="fine-tune the pretrained model with CCA (or --loss) after pretraining")
+    g = groups["evaluation"]
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="train the judge classifier and print the table (metrics.json)")
-    g.add_argument("--eval-samples", type=int,
-                   help="samples per table row, balanced over classes (preset)")
+                   help="score the models with the judge and print the table (metrics.json)")
     g.add_argument("--judge", default=None, metavar="shipped|train|PATH.pt",
                    help="the classifier that scores: shipped (the reference judge in tiny_data/, "
                    "one feature space for every run on mnist, cifar10 and the tiny subset), "
                    "train (one trained on this run's data), or a judge file (default: shipped "
                    "where there is one, else train)")
-    g.add_argument("--judge-epochs", type=float, help=f"epochs of a judge trained here (--judge "
-                   f"train) (preset; default {JUDGE_RECIPE['epochs'][1]:g} for one-channel "
-                   f"images, {JUDGE_RECIPE['epochs'][3]:g} for RGB)")
-    g.add_argument("--eval-seeds", type=int, help="sets of samples per table row (different "
-                   "sampling seeds, same models): the table shows mean ± std (3)")
     g.add_argument("--sweep", action="store_true",
                    help="CFG-scale sweep and λ sweep (sweep.json, sweep.png)")
-    g.add_argument("--sweep-cfg", type=float, nargs="+",
-                   help="CFG scales of the sweep (default: the preset's)")
-    g.add_argument("--sweep-lam", type=float, nargs="+",
-                   help="λ values of the sweep, one fine-tune each")
     args = p.parse_args(argv)
     args.redo = sorted({s for r in args.retrain for s in REDO[r]})
     return args
