@@ -516,7 +516,7 @@ def adamw(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def cosine_lr(base, steps, warmup_frac=0.05, floor=0.1):
+def cosine_lr(base, steps, warmup_frac, floor):
     """nanoGPT's get_lr as a function of the step: linear warm-up, cosine decay, then the floor."""
     warmup = max(int(steps * warmup_frac), 1)
 
@@ -642,7 +642,8 @@ def train_tokenizer(data, settings, seed, device, hooks=Hooks()):
         usage = codebook_stats(indices, settings["codebook_size"])[0]
         return mse + vq_loss, {"mse": mse.item(), "usage": usage}
 
-    lr_at = cosine_lr(settings["vq_lr"], settings["vq_steps"], 0.0, settings["vq_lr_floor"])
+    lr_at = cosine_lr(settings["vq_lr"], settings["vq_steps"], 0.0,  # no warm-up of the rate
+                      settings["vq_lr_floor"])
     history = train_loop("tokenizer", model, opt, settings["vq_steps"], lr_at, batch_loss, seed,
                          device,
                          settings["precision"], settings["grad_clip"], hooks)
@@ -681,7 +682,8 @@ def train_gpt(tokens, labels, num_classes, settings, seed, device, hooks=Hooks()
         logits = net(x, y)                                                 # (B, N, V)
         return F.cross_entropy(logits.float().flatten(0, 1), x.flatten()), {}
 
-    lr_at = cosine_lr(settings["lr"], settings["steps"])
+    lr_at = cosine_lr(settings["lr"], settings["steps"], settings["lr_warmup"],
+                      settings["lr_floor"])
     history = train_loop("pretrain", model, opt, settings["steps"], lr_at, batch_loss, seed,
                          device, settings["precision"], settings["grad_clip"], hooks)
     return {"model": model.state_dict(), "gpt_config": asdict(gpt_config), "history": history}
@@ -1035,6 +1037,8 @@ COMMON = dict(  # the same for every preset unless it says otherwise
     cond_dropout=0.1,    # LlamaGen's share of null-class rows in pretraining
     cfg=2.0,             # the best FID of the CFG sweep on the default data (README)
     temperature=1.0, top_k=None, top_p=None,
+    lr_warmup=0.05,      # share of the pretraining steps that warm the rate up (nanoGPT's idea)
+    lr_floor=0.1,        # pretraining's final rate / lr (nanoGPT's min_lr = lr / 10)
     weight_decay=0.05,   # AdamW's, on matrices only, for pretraining and CCA
     grad_clip=1.0,       # max gradient norm of a GPT or tokenizer step (nanoGPT's)
     loss="cca",
