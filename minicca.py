@@ -2,25 +2,16 @@
 minicca: Condition Contrastive Alignment (CCA) for class-conditional autoregressive image models.
 
 CCA (Chen et al., ICLR 2025, arXiv 2410.09347) fine-tunes an AR image model so that plain sampling,
-with no classifier-free guidance (CFG), reaches CFG's quality at half the sampling cost. This one
-file does the whole job on MNIST / CIFAR-10 / your own .npz. It reads top to bottom like the paper:
+with no classifier-free guidance (CFG), reaches CFG's quality at half the sampling cost. This file
+does the whole job on MNIST / CIFAR-10 / your own .npz, top to bottom like the paper:
 
-    1. data         load_dataset: uint8 images NHWC + integer labels
-    2. tokenizer    VQTokenizer: conv encoder -> nearest code -> conv decoder (28x28 -> 7x7 tokens)
-    3. model        GPT: class token first, then image tokens in raster order; class K is null
-    4. sampling     generate: KV cache, CFG as one 2B batch (cfg_logits), top-k / top-p
-    5. loss         cca_loss (and the dpo / unlearning baselines): pure functions of likelihoods
-    6. training     presets, optimiser, schedule, batches, train_loop, the training stages
-    7. evaluation   a fixed judge classifier: accuracy, FID, IS, precision/recall, error bars
-    8. pipeline     run: setup -> tokenizer -> tokens -> pretrain -> samples -> CCA -> evaluation
+    1. data  2. VQ tokenizer  3. class-conditional GPT  4. sampling with and without CFG
+    5. the CCA loss and its baselines  6. training  7. evaluation  8. the pipeline
 
-That teaching core is about 1,100 lines, one sitting. Below the "Plumbing" banner (about 1,200
-lines) is what a reader can skip: settings validation, loading and training the reference
-judges, checkpoints and resume, torchrun helpers, figures and files, the benchmark, export of the
-reference checkpoints, the command line.
-
-Cut on purpose: no perceptual/GAN tokenizer losses, no 2D/rotary positions, no multi-scale (VAR)
-models, no Inception FID. See README.md for scope and limits.
+Sections 1-7 take plain values (settings, seed, device); section 8 is where the command line meets
+them. Below the "Plumbing" banner is what a reader can skip: validation, checkpoints and resume,
+torchrun, the reference judges, figures, the benchmark, the command line. Cut on purpose:
+perceptual/GAN tokenizer losses, 2D/rotary positions, VAR, Inception FID (see README.md).
 """
 import argparse
 import contextlib
@@ -32,7 +23,7 @@ import os
 import sys
 import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -44,15 +35,6 @@ from tqdm.auto import tqdm
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_DATA = os.path.join(HERE, "tiny_data", "mnist_tiny.npz")
 PRETRAINED = os.path.join(HERE, "tiny_data", "pretrained")
-
-
-class UserError(Exception):
-    """A mistake the user can fix: the CLI prints it as one line and exits with status 2."""
-    exit_code = 2
-
-
-class Interrupted(UserError):
-    exit_code = 130  # Ctrl-C, after saving what can be resumed
 
 
 # -------------------------------------------------------------------------------------------------
@@ -529,42 +511,8 @@ def cca_step_loss(policy, reference, tokens, labels, loss="cca", beta=0.1, lam=1
 
 
 # -------------------------------------------------------------------------------------------------
-# 6. Training: the settings, the optimiser and its schedule, batches, one loop, the stages
-
-# Presets: steps are optimizer steps; epochs are passes over the training set. Every flag overrides.
-PRESETS = {
-    "micro": dict(  # the tests: seconds
-        vq_hidden=16, codebook_size=32, code_dim=8, vq_steps=40, vq_batch=64, vq_lr=2e-3,
-        vq_ae_warmup=0.1, n_layer=1, n_head=2, n_embd=32, dropout=0.0, steps=40, batch_size=32,
-        lr=3e-3, cca_epochs=0.05, cca_lr=1e-3, clf_width=8, clf_epochs=0.3, eval_samples=100,
-        samples_per_class=4, sweep_cfg=[1.0, 2.0], sweep_lam=[1.0, 10.0]),
-    "cpu": dict(  # a laptop: the default run in about 7 minutes on 2 cores
-        vq_hidden=64, codebook_size=256, code_dim=32, vq_steps=800, vq_batch=128, vq_lr=2e-3,
-        vq_l2_norm=False,  # on MNIST the plain lookup beat the l2 one by 0.4-0.9 dB PSNR
-        n_layer=4, n_head=4, n_embd=128, dropout=0.0, steps=800, batch_size=64, lr=2e-3,
-        cca_lr=2e-4, clf_width=32, clf_epochs=2.0, eval_samples=1000),
-    "cpu_rgb": dict(  # a laptop, RGB images (CIFAR-10): the whole pipeline in under an hour
-        # its tokenizer: 24.1 dB PSNR in 5 minutes. The README's 25 dB one (twice the codes and
-        # the batch, more steps, the plain lookup) costs over half the hour: no better samples
-        vq_hidden=64, codebook_size=512, code_dim=32, vq_steps=2000, vq_batch=128, vq_lr=2e-3,
-        vq_lr_floor=0.1, n_layer=6, n_head=6, n_embd=192, dropout=0.0,
-        steps=1600, batch_size=64, lr=1e-3, cca_epochs=0.5, cca_lr=1e-4, clf_width=32,
-        clf_epochs=2.0, eval_samples=1000,
-        lam=30.0,  # this weak base wants a stronger push than MNIST's: λ 30 beat 10 and 3
-        sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0]),  # CFG's best: w ≈ 10
-    "gpu": dict(  # one GPU
-        vq_hidden=128, codebook_size=512, code_dim=32, vq_steps=8000, vq_batch=256, vq_lr=1e-3,
-        vq_lr_floor=0.1, n_layer=8, n_head=8, n_embd=384, dropout=0.1,
-        steps=20000, batch_size=256, lr=6e-4, cca_lr=6e-5, clf_width=64, clf_epochs=30.0,
-        eval_samples=5000),
-}
-COMMON = dict(  # the same for every preset unless it says otherwise
-    vq_lr_floor=1.0, vq_ae_warmup=0.05, vq_l2_norm=True, cond_dropout=0.1, cfg=2.0,
-    temperature=1.0, top_k=None, top_p=None, loss="cca", beta=0.1, lam=10.0, uncond_ratio=0.1,
-    collisions="positive", cca_epochs=1.0, eval_seeds=3, precision=None,
-    samples_per_class=10, sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0],
-    sweep_lam=[1.0, 3.0, 10.0, 30.0, 100.0])
-
+# 6. Training: the optimiser and its schedule, batches, one loop, the stages. Their settings
+#    (every default: PRESETS, COMMON, JUDGE_RECIPE) are in Plumbing, "Settings".
 
 def adamw(model, lr, weight_decay):
     """AdamW with decay on matrices only (nanoGPT), betas (0.9, 0.95) as in LlamaGen and CCA."""
@@ -575,7 +523,7 @@ def adamw(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def cosine_lr(base, steps, warmup_frac=0.05, floor=0.1):
+def cosine_lr(base, steps, warmup_frac, floor):
     """nanoGPT's get_lr as a function of the step: linear warm-up, cosine decay, then the floor."""
     warmup = max(int(steps * warmup_frac), 1)
 
@@ -598,18 +546,43 @@ def batch_indices(n, batch_size, step, seed):
     return perm[i * batch_size:(i + 1) * batch_size]
 
 
-def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, device, seed, saves,
-               precision=None):
+class Hooks:
+    """How train_loop meets checkpoints and other processes: one process, nothing saved. The
+    command line passes a Saves (see Plumbing), which resumes, saves every few steps and on
+    Ctrl-C, and under torchrun wraps the model in DDP, shards batches and averages the logs."""
+
+    def wrap(self, model, find_unused_parameters=False):
+        return model  # the model as a training step calls it
+
+    def shard(self, batch):
+        return batch  # this process's rows of a global batch
+
+    def average(self, stats):
+        return stats  # the global batch's numbers, from this process's
+
+    def restore(self, name, model, optimizer, num_steps):
+        return 0, []  # (first step, history so far)
+
+    def after_step(self, model, optimizer, history, num_steps):
+        pass  # a periodic save
+
+    def not_finite(self, name, step):
+        return FloatingPointError(f"[{name}] non-finite loss at step {step}")
+
+    def interrupted(self, name, model, optimizer, history, clean):
+        return KeyboardInterrupt()  # Ctrl-C: the error to raise (clean: no half-made step)
+
+
+def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, seed, device,
+               precision=None, grad_clip=None, hooks=Hooks()):
     """The loop every stage shares (minGPT's Trainer.run): seed -> lr -> loss -> backward -> clip ->
     step -> log. batch_loss(step) -> (loss, stats dict); lr_at(step) -> learning rate.
 
     Each step reseeds torch from (seed, step), so a resumed run ends with the weights of an
-    uninterrupted one (on CPU). `saves` (a Saves, see Plumbing) restores a --resume'd run, writes
-    the resumable checkpoint every --save-every steps and on Ctrl-C. precision: "bf16" runs the
-    forward pass under bf16 autocast, "fp32" does not, None picks (bf16 on CUDA). Returns the
-    history of logs.
-    """
-    start, history = saves.restore(name, model, optimizer, num_steps)
+    uninterrupted one (on CPU). precision: "bf16" runs the forward pass under bf16 autocast, "fp32"
+    does not, None picks (bf16 on CUDA). grad_clip: the largest gradient norm (None: no clip).
+    Returns the history of logs."""
+    start, history = hooks.restore(name, model, optimizer, num_steps)
     bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=name,
                dynamic_ncols=True)
     updating = False
@@ -621,49 +594,44 @@ def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, device, see
             with autocast(device, precision):
                 loss, stats = batch_loss(step)
             stats = {k: float(v) for k, v in stats.items()}  # the losses return 0-d tensors
-            logged = across_ranks({"loss": loss.item(), **stats}, device)
-            saves.stop_if_not_finite(name, step, logged["loss"])
+            logged = hooks.average({"loss": loss.item(), **stats})
+            if not math.isfinite(logged["loss"]):
+                raise hooks.not_finite(name, step)
             updating = True  # from here to the log, a Ctrl-C would leave a half-made step
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             history.append({"step": step, **logged})
             updating = False
             bar.set_postfix({k: f"{v:.3g}" for k, v in logged.items()}, refresh=False)
-            saves.every_few_steps(model, optimizer, history, num_steps)
+            hooks.after_step(model, optimizer, history, num_steps)
     except KeyboardInterrupt:
         bar.close()
-        raise saves.interrupted(name, model, optimizer, history, clean=not updating)
+        raise hooks.interrupted(name, model, optimizer, history, clean=not updating)
     bar.close()
     return history
 
 
-def train_tokenizer(data, P, args, device, partial, config):
-    """The VQ tokenizer's stage: reconstruction + VQ losses, Adam; the rate decays on a cosine to
-    vq_lr_floor x vq_lr (1.0 in the cpu preset: a constant rate; 0.1 in cpu_rgb and gpu).
-
-    With vq_ae_warmup > 0 (every preset: 5% of the steps, micro 10%) the first vq_ae_warmup x
-    vq_steps steps train a plain autoencoder, the decoder reading the encoder's output directly,
-    and the codebook starts at the end of it. Why: a fresh encoder maps most patches to a few
-    near-equal vectors, so codes set on them collide, and in CIFAR-10's steps 3-20 a batch used
-    only 57-70% of the codes; an encoder that has learnt 100 steps of features spreads its
-    outputs, and every batch after uses >= 98%. vq_l2_norm picks the lookup (VQConfig.l2_norm): by
-    cosine in the RGB presets, whose CIFAR-10 tables were measured with it; plain on MNIST, where
-    it reconstructs better.
-    """
+def train_tokenizer(data, settings, seed, device, hooks=Hooks()):
+    """The VQ tokenizer: reconstruction + VQ losses, Adam, the rate on a cosine to vq_lr_floor x
+    vq_lr. The first vq_ae_warmup x vq_steps steps train a plain autoencoder and the codebook
+    starts at their end. Why: a fresh encoder maps most patches to a few near-equal vectors, so
+    codes set on them collide (in CIFAR-10's steps 3-20 a batch used 57-70% of the codes); after
+    100 steps of features its outputs spread, and every batch after uses >= 98%."""
     X = to_float(data["x_train"])                                         # (N, C, H, W), on CPU
-    vq_config = VQConfig(X.size(1), P["vq_hidden"], P["codebook_size"], P["code_dim"],
-                         l2_norm=P["vq_l2_norm"])
+    vq_config = VQConfig(X.size(1), settings["vq_hidden"], settings["codebook_size"],
+                         settings["code_dim"], l2_norm=settings["vq_l2_norm"])
     model = VQTokenizer(vq_config).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=P["vq_lr"])
-    warmup = round(P["vq_ae_warmup"] * P["vq_steps"])
-    net = ddp(model, find_unused_parameters=warmup > 0)  # no codebook in the warm-up's graph
+    opt = torch.optim.Adam(model.parameters(), lr=settings["vq_lr"])
+    warmup = round(settings["vq_ae_warmup"] * settings["vq_steps"])
+    net = hooks.wrap(model, find_unused_parameters=warmup > 0)  # no codebook in the warm-up
 
     def batch_loss(step):
-        x = X[batch_indices(len(X), P["vq_batch"], step, args.seed)]     # the global batch, on CPU
+        x = X[batch_indices(len(X), settings["vq_batch"], step, seed)]  # the global batch, on CPU
         if step < warmup:                                   # the autoencoder warm-up: no codes
-            x = shard(x).to(device)
+            x = hooks.shard(x).to(device)
             mse = F.mse_loss(net(x, quantize=False)[0].float(), x)
             return mse, {"mse": mse.item()}
         # At the warm-up's end: data-driven codebook init. Then every step (as Jukebox does),
@@ -671,19 +639,21 @@ def train_tokenizer(data, P, args, device, partial, config):
         # usage fell from 98% to about 10% in between, codes left behind by the moving encoder
         with torch.no_grad():  # on the global batch, so that every rank makes the same restart
             z_e = model.encoder(x.to(device))
-            used = torch.bincount(model.quantize(z_e).flatten(), minlength=P["codebook_size"])
+            codes = model.quantize(z_e).flatten()
+            used = torch.bincount(codes, minlength=settings["codebook_size"])
             dead = torch.ones_like(used, dtype=torch.bool) if step == warmup else used == 0
             model.restart_codes(z_e, dead)
-        x = shard(x).to(device)                                           # this rank's rows
+        x = hooks.shard(x).to(device)                                     # this rank's rows
         recon, vq_loss, indices, _ = net(x)
         mse = F.mse_loss(recon.float(), x)
-        usage = codebook_stats(indices, P["codebook_size"])[0]
+        usage = codebook_stats(indices, settings["codebook_size"])[0]
         return mse + vq_loss, {"mse": mse.item(), "usage": usage}
 
-    saves = saves_for("tokenizer", partial, config, device, args)
-    lr_at = cosine_lr(P["vq_lr"], P["vq_steps"], warmup_frac=0.0, floor=P["vq_lr_floor"])
-    history = train_loop("tokenizer", model, opt, P["vq_steps"], lr_at, batch_loss, device,
-                         args.seed, saves, P.get("precision"))
+    lr_at = cosine_lr(settings["vq_lr"], settings["vq_steps"], 0.0,  # no warm-up of the rate
+                      settings["vq_lr_floor"])
+    history = train_loop("tokenizer", model, opt, settings["vq_steps"], lr_at, batch_loss, seed,
+                         device,
+                         settings["precision"], settings["grad_clip"], hooks)
     return {"model": model.state_dict(), "vq_config": asdict(model.config), "history": history}
 
 
@@ -698,85 +668,58 @@ def encode_all(tokenizer, x_uint8, device, batch=1000):
     return torch.cat(out)
 
 
-def train_gpt(tokens, labels, num_classes, P, args, device, partial, config):
+def train_gpt(tokens, labels, num_classes, settings, seed, device, hooks=Hooks()):
     """Pretraining: next-token cross-entropy, the class replaced by the null class K with
     probability cond_dropout (that is what makes CFG possible later)."""
-    gpt_config = GPTConfig(P["codebook_size"], num_classes, tokens.size(1), P["n_layer"],
-                           P["n_head"], P["n_embd"], P["dropout"])
+    gpt_config = GPTConfig(settings["codebook_size"], num_classes, tokens.size(1),
+                           settings["n_layer"], settings["n_head"], settings["n_embd"],
+                           settings["dropout"])
     model = GPT(gpt_config).to(device)
-    opt = adamw(model, P["lr"], 0.05)
-    net = ddp(model)
-    B = min(P["batch_size"], len(tokens))
+    opt = adamw(model, settings["lr"], settings["weight_decay"])
+    net = hooks.wrap(model)
+    B = min(settings["batch_size"], len(tokens))
 
     def batch_loss(step):
-        idx = batch_indices(len(tokens), B, step, args.seed)
+        idx = batch_indices(len(tokens), B, step, seed)
         x = tokens[idx].long().to(device)                                  # (B, N)
         y = labels[idx].to(device)                                         # (B,)
-        dropped = torch.rand(len(y), device=device) < P["cond_dropout"]
+        dropped = torch.rand(len(y), device=device) < settings["cond_dropout"]
         y = torch.where(dropped, num_classes, y)                           # the null class
-        x, y = shard(x), shard(y)                                          # this rank's rows
+        x, y = hooks.shard(x), hooks.shard(y)                              # this rank's rows
         logits = net(x, y)                                                 # (B, N, V)
         return F.cross_entropy(logits.float().flatten(0, 1), x.flatten()), {}
 
-    saves = saves_for("pretrain", partial, config, device, args)
-    history = train_loop("pretrain", model, opt, P["steps"], cosine_lr(P["lr"], P["steps"]),
-                         batch_loss, device, args.seed, saves, P.get("precision"))
+    lr_at = cosine_lr(settings["lr"], settings["steps"], settings["lr_warmup"],
+                      settings["lr_floor"])
+    history = train_loop("pretrain", model, opt, settings["steps"], lr_at, batch_loss, seed,
+                         device, settings["precision"], settings["grad_clip"], hooks)
     return {"model": model.state_dict(), "gpt_config": asdict(gpt_config), "history": history}
 
 
-def finetune_cca(base, tokens, labels, P, args, device, partial, config):
+def finetune_cca(base, tokens, labels, settings, seed, device, hooks=Hooks()):
     """CCA (or a baseline): the policy starts from the pretrained weights, the reference is a frozen
     copy; dropout is off in both (eval mode), so that every gap is exactly 0 at step 0."""
     policy = copy.deepcopy(base).eval()
     reference = copy.deepcopy(base).eval().requires_grad_(False)
-    opt = adamw(policy, P["cca_lr"], 0.05)
-    net = ddp(policy)  # the frozen reference is never wrapped
-    B = min(P["batch_size"], len(tokens))
-    steps = max(math.ceil(P["cca_epochs"] * len(tokens) / B), 1)
+    opt = adamw(policy, settings["cca_lr"], settings["weight_decay"])
+    net = hooks.wrap(policy)  # the frozen reference is never wrapped
+    B = min(settings["batch_size"], len(tokens))
+    steps = max(math.ceil(settings["cca_epochs"] * len(tokens) / B), 1)
 
     def batch_loss(step):  # under torchrun, negatives come from each rank's rows, as officially
-        idx = shard(batch_indices(len(tokens), B, step, args.seed + 1))
+        idx = hooks.shard(batch_indices(len(tokens), B, step, seed + 1))  # +1: not pretraining's
         x = tokens[idx].long().to(device)
         y = labels[idx].to(device)
-        return cca_step_loss(net, reference, x, y, P["loss"], P["beta"], P["lam"],
-                             P["uncond_ratio"], P["collisions"])
+        return cca_step_loss(net, reference, x, y, settings["loss"], settings["beta"],
+                             settings["lam"], settings["uncond_ratio"], settings["collisions"])
 
-    saves = saves_for("cca", partial, config, device, args)
-    history = train_loop("cca", policy, opt, steps, lambda step: P["cca_lr"], batch_loss, device,
-                         args.seed, saves, P.get("precision"))
+    history = train_loop("cca", policy, opt, steps, lambda step: settings["cca_lr"], batch_loss,
+                         seed, device, settings["precision"], settings["grad_clip"], hooks)
     return {"model": policy.state_dict(), "gpt_config": asdict(policy.config), "history": history}
 
 
 # -------------------------------------------------------------------------------------------------
-# 7. Evaluation: a small classifier is the judge (Inception is not downloadable here, nor made for
-#    28x28 digits)
-
-class JudgeNet(nn.Module):
-    """The shipped reference judge, shaped like the fast CIFAR-10 networks (Page's ResNet-9,
-    Jordan's airbench) without residual branches: a conv stem, then three groups of conv -> 2x2
-    max-pool -> conv with widths w, 4w, 4w, each conv followed by batch norm and GELU; a global max
-    pool gives the 4w-d features (128-d at w = 32: Inception's role for FID and precision/recall)
-    and a linear head the logits. (B, C, H, W) in [0, 1] -> features (B, 4w) -> logits (B, K)."""
-
-    def __init__(self, channels, num_classes, width=32, stem=24):
-        super().__init__()
-        self.config = {"channels": channels, "num_classes": num_classes, "width": width,
-                       "stem": stem}
-        layers, prev = conv_bn_gelu(channels, stem), stem
-        for w in (width, 4 * width, 4 * width):      # 32x32 -> 16 -> 8 -> 4 (28x28 -> 14 -> 7 -> 3)
-            conv, *norm = conv_bn_gelu(prev, w)
-            layers += [conv, nn.MaxPool2d(2), *norm, *conv_bn_gelu(w, w)]  # pool, then BN: cheaper
-            prev = w
-        self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
-        self.head = nn.Linear(prev, num_classes, bias=False)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def conv_bn_gelu(i, o):
-    return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.GELU()]
-
+# 7. Evaluation: a small classifier is the judge (Inception: not downloadable, not made for digits)
 
 @torch.no_grad()
 def classify(classifier, images, device, batch=500):
@@ -851,16 +794,16 @@ def balanced_labels(n, num_classes, device="cpu"):
     return torch.arange(n, device=device) % num_classes
 
 
-def sample_images(model, tokenizer, labels, cfg_scale, grid, P, device, seed, batch=500):
+def sample_images(model, tokenizer, labels, cfg_scale, grid, settings, device, seed, batch=500):
     """Images (B, C, H, W) for `labels`, with token grids of shape `grid` (h, w), generated in
     batches of `batch` with one seeded generator; returns (images, seconds per image)."""
     gen = torch.Generator(device).manual_seed(seed)
     images = []
     t0 = time.perf_counter()
     for i in range(0, len(labels), batch):
-        with autocast(device, P.get("precision")):
-            tokens = generate(model, labels[i:i + batch], cfg_scale, P["temperature"], P["top_k"],
-                              P["top_p"], generator=gen)                      # (b, h*w)
+        with autocast(device, settings.get("precision")):
+            tokens = generate(model, labels[i:i + batch], cfg_scale, settings["temperature"],
+                              settings["top_k"], settings["top_p"], generator=gen)  # (b, h*w)
         grids = rearrange(tokens, "b (h w) -> b h w", h=grid[0], w=grid[1])  # raster order
         images.append(tokenizer.decode(grids).float())
     if device.type == "cuda":
@@ -872,48 +815,54 @@ class Judge:
     """Generates `eval_samples` balanced, seeded samples for a model and scores them with
     `evaluate`."""
 
-    def __init__(self, classifier, data, tokenizer, grid, P, device, seed, name="classifier"):
-        self.clf = classifier
+    def __init__(self, classifier, data, tokenizer, grid, settings, device, seed,
+                 name="classifier"):
+        self.classifier = classifier
         self.name = name
         self.data = data
-        self.tok = tokenizer
+        self.tokenizer = tokenizer
         self.grid = grid
-        self.P = P
+        self.settings = settings
         self.device = device
         self.seed = seed
         self.real = classify(classifier, data["x_test"], device)[0]
-        self.labels = balanced_labels(P["eval_samples"], len(data["classes"]), device)
+        self.labels = balanced_labels(settings["eval_samples"], len(data["classes"]), device)
 
     def __call__(self, model, cfg_scale, seed=None, n=None):
         """One set of samples (seed, n: by default the run's seed and eval_samples) scored."""
         seed = self.seed if seed is None else seed
-        K = len(self.data["classes"])
-        labels = self.labels if n is None else balanced_labels(n, K, self.device)
-        images, sec = sample_images(model, self.tok, labels, cfg_scale, self.grid, self.P,
-                                    self.device, seed)
-        scores = evaluate(images, labels, self.clf, self.real, self.device)
+        num_classes = len(self.data["classes"])
+        labels = self.labels if n is None else balanced_labels(n, num_classes, self.device)
+        images, sec = sample_images(model, self.tokenizer, labels, cfg_scale, self.grid,
+                                    self.settings, self.device, seed)
+        scores = evaluate(images, labels, self.classifier, self.real, self.device)
         return {**scores, "sec_per_image": sec}
 
+    def seeds(self):
+        """eval_seeds sets of samples: seeds seed, seed + 1, ..."""
+        return range(self.seed, self.seed + self.settings.get("eval_seeds", 1))
+
     def row(self, model, cfg_scale):
-        """A table row: eval_seeds sets of samples (seeds seed, seed + 1, ...), mean and std."""
-        seeds = range(self.seed, self.seed + self.P.get("eval_seeds", 1))
-        return mean_and_std([self(model, cfg_scale, seed) for seed in seeds])
+        """A table row: the mean and std over the sets of samples."""
+        return mean_and_std([self(model, cfg_scale, seed) for seed in self.seeds()])
 
     def real_row(self):
         """The real floor, over as many draws of training images as a row has sets of samples."""
-        seeds = range(self.seed, self.seed + self.P.get("eval_seeds", 1))
-        return mean_and_std([self.real_floor(seed) for seed in seeds])
+        return mean_and_std([self.real_floor(seed) for seed in self.seeds()])
 
     def real_floor(self, seed=None):
         """Real training images, scored like samples: the best a generator can hope for at this
         count. ceil(n / K) images per class, interleaved class by class."""
-        n, y = self.P["eval_samples"], self.data["y_train"]
-        K = len(self.data["classes"])
-        g = np.random.default_rng(self.seed if seed is None else seed)
-        per = [g.permutation(np.flatnonzero(y == c))[:math.ceil(n / K)] for c in range(K)]
-        rounds = range(max(map(len, per)))
-        idx = np.array([p[i] for i in rounds for p in per if i < len(p)], dtype=np.int64)[:n]
-        scores = evaluate(self.data["x_train"][idx], y[idx], self.clf, self.real, self.device)
+        n, y = self.settings["eval_samples"], self.data["y_train"]
+        num_classes = len(self.data["classes"])
+        rng = np.random.default_rng(self.seed if seed is None else seed)
+        per_class = [rng.permutation(np.flatnonzero(y == c))[:math.ceil(n / num_classes)]
+                     for c in range(num_classes)]
+        rounds = range(max(map(len, per_class)))
+        idx = np.array([p[i] for i in rounds for p in per_class if i < len(p)], dtype=np.int64)
+        idx = idx[:n]
+        scores = evaluate(self.data["x_train"][idx], y[idx], self.classifier, self.real,
+                          self.device)
         return {**scores, "sec_per_image": None}
 
 
@@ -926,7 +875,7 @@ def mean_and_std(runs):
     """
     out = {}
     for metric in runs[0]:
-        values = [run[metric] for run in runs]
+        values = [scores[metric] for scores in runs]
         if values[0] is None:  # e.g. no sampling time for real images
             out[metric] = None
             out[f"{metric}_std"] = None
@@ -944,210 +893,107 @@ def best_cfg_scale(score, candidates):
 
 
 # -------------------------------------------------------------------------------------------------
-# 8. The pipeline: run is the list of stages; each stage is cached under --out (run_stage)
+# 8. The pipeline: where the command line meets sections 1-7. Each stage takes the Pipeline (flags,
+#    settings, data, what earlier stages made) and caches its checkpoint under --out (run_stage).
 
 def run(args):
-    """The whole pipeline. Every stage is saved under --out and skipped when up to date, so a rerun
-    with other CCA settings redoes only the fine-tune and the evaluation."""
-    r = setup(args)
-    tokenizer = stage_tokenizer(r)
-    tokens = stage_tokens(r, tokenizer)
-    gk, base = stage_pretrain(r, tokenizer, tokens)
-    panels = stage_samples(r, base, tokenizer)
-    models = {"base": base}
-    if args.cca:
-        ckpt = stage_cca(r.P, gk, tokens, r.y_train, args, r.device, r.path)
-        models[r.P["loss"]] = load_gpt(ckpt, r.device)  # "cca", or the baseline's name
-        stage_compare(r, models[r.P["loss"]], tokenizer, panels)
-    if args.eval or args.sweep:
-        judge = stage_judge(r, tokenizer)
-    if args.eval:
-        stage_eval(r, judge, models, gk["id"])
-    if args.sweep:
-        run_sweep(judge, base, r.P, gk, tokens, r.y_train, args, r.device, r.path)
+    """The whole pipeline, stage by stage (the figures' and the sweep's stages are in Plumbing)."""
+    pipeline = setup(args)
+    stages = [stage_tokenizer, stage_tokens, stage_pretrain, stage_samples]
+    stages += [stage_cca, stage_compare] if args.cca else []
+    stages += [stage_judge] if args.eval or args.sweep else []
+    stages += [stage_eval] if args.eval else []
+    stages += [stage_sweep] if args.sweep else []
+    for stage in stages:
+        stage(pipeline)
 
 
-# Tokenizer settings added after run folders existed, each with the value those runs used: a key
-# is recorded in the stage's config only when a run differs from it, so older folders still match.
-TOKENIZER_KEYS_ADDED = {"vq_lr_floor": 1.0, "vq_ae_warmup": 0.0, "vq_l2_norm": True}
-
-
-def stage_tokenizer(r):
+def stage_tokenizer(pipeline):
     """1. The VQ tokenizer, with its test-set report and a reconstruction grid."""
-    P = r.P
-    keys = ["vq_hidden", "codebook_size", "code_dim", "vq_steps", "vq_batch", "vq_lr"]
-    keys += [k for k, before in TOKENIZER_KEYS_ADDED.items() if P[k] != before]
-    config = {"data": r.reports["data_id"], "seed": r.args.seed, **precision_key(P),
-              **{k: P[k] for k in keys}}
-    build = functools.partial(train_tokenizer, r.data, P, r.args, r.device)
-    tk = run_stage("tokenizer", r.path("tokenizer.pt"), config, build, r.args, r.device)
-    tokenizer = VQTokenizer(VQConfig(**tk["vq_config"])).to(r.device).eval()
-    tokenizer.load_state_dict(tk["model"])
-    tokenizer.id = tk["id"]  # the token cache and the GPT record which tokenizer they came from
-    rep = r.reports["tokenizer"] = tokenizer_report(tokenizer, r.data["x_test"], r.device)
-    print(f"[tokenizer] test MSE {rep['mse']:.4f}, PSNR {rep['psnr']:.2f} dB, codebook usage "
-          f"{rep['usage']:.0%}, perplexity {rep['perplexity']:.0f} of {P['codebook_size']}")
-    quantised = [h for h in tk["history"] if "usage" in h]  # the steps after any warm-up
-    if quantised:
-        low = min(quantised, key=lambda h: h["usage"])
-        print(f"[tokenizer] share of the codes a training batch used: lowest {low['usage']:.0%} "
-              f"(step {low['step']}) of steps {quantised[0]['step']}-{quantised[-1]['step']}")
-    x = to_float(r.data["x_test"][:16]).to(r.device)
-    recon = tokenizer.decode(tokenizer.encode(x))
-    save_grid(torch.cat([x, recon]), 16, r.path("tokenizer_recon.png"))
-    return tokenizer
+    settings, data, device = pipeline.settings, pipeline.data, pipeline.device
+    keys = ["vq_hidden", "codebook_size", "code_dim", "vq_steps", "vq_batch", "vq_lr",
+            "vq_lr_floor", "vq_ae_warmup", "vq_l2_norm", "precision"]
+    made_with = {"data": pipeline.data_id, "seed": pipeline.seed, **pick(settings, keys)}
+    build = functools.partial(train_tokenizer, data, settings, pipeline.seed, device)
+    ckpt = run_stage(pipeline, "tokenizer", "tokenizer.pt", made_with, build)
+    tokenizer = VQTokenizer(VQConfig(**ckpt["vq_config"])).to(device).eval()
+    tokenizer.load_state_dict(ckpt["model"])
+    tokenizer.id = ckpt["id"]  # the token cache and the GPT record which tokenizer they came from
+    report_tokenizer(pipeline, tokenizer, ckpt["history"])  # test scores, code usage, a figure
+    pipeline.tokenizer = tokenizer
 
 
-def stage_tokens(r, tokenizer):
+def stage_tokens(pipeline):
     """2. The token cache: the GPT never touches pixels again. {"train": (N, h*w), "test": ...}"""
-    def build(*_):
-        return {"train": encode_all(tokenizer, r.data["x_train"], r.device),
-                "test": encode_all(tokenizer, r.data["x_test"], r.device)}
-    return run_stage("tokens", r.path("tokens.pt"), {"tokenizer": tokenizer.id}, build, r.args,
-                     r.device)
+    tokenizer, data, device = pipeline.tokenizer, pipeline.data, pipeline.device
+
+    def build(hooks):
+        return {"train": encode_all(tokenizer, data["x_train"], device),
+                "test": encode_all(tokenizer, data["x_test"], device)}
+    pipeline.tokens = run_stage(pipeline, "tokens", "tokens.pt", {"tokenizer": tokenizer.id},
+                                build)
 
 
-def stage_pretrain(r, tokenizer, tokens):
+def stage_pretrain(pipeline):
     """3. Pretraining with condition dropout; prints the size and bits per token."""
-    P = r.P
-    keys = ["n_layer", "n_head", "n_embd", "dropout", "steps", "batch_size", "lr", "cond_dropout"]
-    config = {"tokenizer": tokenizer.id, "seed": r.args.seed, **precision_key(P),
-              **{k: P[k] for k in keys}}
-    build = functools.partial(train_gpt, tokens["train"], r.y_train, r.K, P, r.args, r.device)
-    gk = run_stage("pretrain", r.path("gpt.pt"), config, build, r.args, r.device)
-    base = load_gpt(gk, r.device)
-    n_test = len(tokens["test"])
-    y_test = torch.from_numpy(r.data["y_test"])
-    train_bits = bits_per_token(base, tokens["train"][:n_test], r.y_train[:n_test], r.device)
-    val_bits = bits_per_token(base, tokens["test"], y_test, r.device)
-    millions = sum(p.numel() for p in base.parameters()) / 1e6
-    print(f"[pretrain] {millions:.2f}M parameters; bits/token: train {train_bits:.3f}, "
-          f"val {val_bits:.3f}")
-    return gk, base
+    settings, tokens, device = pipeline.settings, pipeline.tokens, pipeline.device
+    keys = ["n_layer", "n_head", "n_embd", "dropout", "steps", "batch_size", "lr", "cond_dropout",
+            "precision"]
+    made_with = {"tokenizer": pipeline.tokenizer.id, "seed": pipeline.seed, **pick(settings, keys)}
+    build = functools.partial(train_gpt, tokens["train"], pipeline.y_train, pipeline.K, settings,
+                              pipeline.seed, device)
+    pipeline.base_ckpt = run_stage(pipeline, "pretrain", "gpt.pt", made_with, build)
+    base = pipeline.models["base"] = load_gpt(pipeline.base_ckpt, device)
+    report_pretrain(pipeline, base)  # its size, bits per token on train and test tokens
 
 
-def stage_samples(r, base, tokenizer):
-    """4. Samples of the base model, guidance-free and with CFG: a row per class."""
-    w = r.P["cfg"]
-    panels = {"base, no guidance": class_rows(r, base, tokenizer, 1.0),
-              f"base, CFG {w:g}": class_rows(r, base, tokenizer, w)}
-    files = ["samples_base.png", f"samples_base_cfg{w:g}.png"]
-    for (title, images), file in zip(panels.items(), files):
-        save_grid(images, r.P["samples_per_class"], r.path(file))
-        print(f"[samples] {title}: {r.path(file)} (a row per class)")
-    return panels
+def stage_cca(pipeline):
+    """5. The CCA fine-tune (or a baseline) of the pretrained model, cached by its settings."""
+    loss = pipeline.settings["loss"]  # "cca", or the baseline's name
+    pipeline.models[loss] = finetuned(pipeline, pipeline.settings)
 
 
-def class_rows(r, model, tokenizer, cfg_scale):
-    """samples_per_class images of each class, class by class (the rows of a grid)."""
-    n = r.P["samples_per_class"]
-    labels = torch.arange(r.K, device=r.device).repeat_interleave(n)
-    return sample_images(model, tokenizer, labels, cfg_scale, r.grid, r.P, r.device,
-                         r.args.seed)[0]
+def finetuned(pipeline, settings):
+    """The pretrained model fine-tuned with `settings` (the run's, or a sweep's λ)."""
+    keys = ["loss", "beta", "lam", "cca_epochs", "cca_lr", "uncond_ratio", "collisions",
+            "precision"]
+    made_with = {"base": pipeline.base_ckpt["id"], "seed": pipeline.seed, **pick(settings, keys)}
+    build = functools.partial(finetune_cca, pipeline.models["base"], pipeline.tokens["train"],
+                              pipeline.y_train, settings, pipeline.seed, pipeline.device)
+    ckpt = run_stage(pipeline, "cca", cca_name(settings) + ".pt", made_with, build)
+    return load_gpt(ckpt, pipeline.device)
 
 
-def stage_cca(P, gk, tokens, y_train, args, device, path):
-    """5. The CCA fine-tune (or a baseline) of the pretrained model `gk`, cached by its settings."""
-    keys = ["loss", "beta", "lam", "cca_epochs", "cca_lr", "uncond_ratio", "collisions"]
-    config = {"base": gk["id"], "seed": args.seed, **precision_key(P), **{k: P[k] for k in keys}}
-    base = load_gpt(gk, device)
-    build = functools.partial(finetune_cca, base, tokens["train"], y_train, P, args, device)
-    return run_stage("cca", path(cca_name(P) + ".pt"), config, build, args, device)
+def stage_judge(pipeline):
+    """6. The judge (--judge; see judge_for) and the Judge that samples and scores with it."""
+    classifier, name = judge_for(pipeline)
+    pipeline.judge = Judge(classifier, pipeline.data, pipeline.tokenizer, pipeline.grid,
+                           pipeline.settings, pipeline.device, pipeline.seed, name)
 
 
-def stage_compare(r, tuned, tokenizer, panels):
-    """The comparison figure: base and fine-tuned model, each without and with CFG."""
-    P = r.P
-    for w in (1.0, P["cfg"]):
-        title = f"{P['loss']}, " + ("no guidance" if w == 1 else f"CFG {w:g}")
-        panels[title] = class_rows(r, tuned, tokenizer, w)
-    file = r.path(f"compare_{cca_name(P)}.png")
-    save_panels(panels, P["samples_per_class"], file,
-                f"β={P['beta']:g}, λ={P['lam']:g}, rows: classes")
-    print(f"[cca] comparison: {file}")
-
-
-def stage_judge(r, tokenizer):
-    """6. The judge: the shipped reference classifier of this dataset, so that every run on it
-    scores in one feature space, or (--judge train, and .npz data) one trained on this run's
-    training images; and the Judge that samples and scores with it."""
-    choice = r.args.judge or ("shipped" if shipped_judge(r) else "train")
-    if choice == "train":
-        clf, name = train_judge_here(r)
-    else:
-        path = choice if choice != "shipped" else shipped_judge(r) or no_shipped_judge(r)
-        clf = load_judge(path, r.device)
-        check_judge_fits(clf, r.data, path)
-        name = os.path.relpath(path, HERE) if path.startswith(HERE) else path
-        accuracy = clf.info["test_accuracy_flip" if clf.flip_average else "test_accuracy"]
-        r.reports["classifier_accuracy"] = accuracy
-        views = " with flip averaging" if clf.flip_average else ""
-        print(f"[judge] {name}: test accuracy {accuracy:.2%}{views} (where it was made; see "
-              f"tiny_data/README.md)")
-    return Judge(clf, r.data, tokenizer, r.grid, r.P, r.device, r.args.seed, name)
-
-
-def stage_eval(r, judge, models, base_id):
+def stage_eval(pipeline):
     """7. The table (metrics.json): real images, then every model without and with CFG, and the
     base model at its best CFG scale, the paper's comparison for CCA without guidance."""
-    P = r.P
-    w_best = best_cfg_for(r, judge, models["base"], base_id)
+    settings, judge, seed = pipeline.settings, pipeline.judge, pipeline.seed
+    w_best = best_cfg_for(pipeline)
     rows = {"real (train images)": judge.real_row()}
-    for name, model in models.items():
+    for name, model in pipeline.models.items():
         rows[f"{name}, no guidance"] = judge.row(model, 1.0)
-        rows[f"{name}, CFG {P['cfg']:g}"] = judge.row(model, P["cfg"])
+        rows[f"{name}, CFG {settings['cfg']:g}"] = judge.row(model, settings["cfg"])
         if name == "base":
             rows[f"base, best CFG (w = {w_best:g})"] = judge.row(model, w_best)
-    seeds = f"seeds {r.args.seed}..{r.args.seed + P['eval_seeds'] - 1}, mean ± std"
-    print(f"\n[eval] {P['eval_samples']} samples per row and set, balanced over classes; "
-          f"{P['eval_seeds']} sets ({seeds if P['eval_seeds'] > 1 else f'seed {r.args.seed}'}); "
-          f"FID/IS/precision/recall in the features of the judge ({judge.name}), against the "
-          f"{len(r.data['x_test'])} test images")
+    sets = settings["eval_seeds"]
+    seeds = f"seeds {seed}..{seed + sets - 1}, mean ± std" if sets > 1 else f"seed {seed}"
+    print(f"\n[eval] {settings['eval_samples']} samples per row and set, balanced over classes; "
+          f"{sets} sets ({seeds}); FID/IS/precision/recall in the features of the judge "
+          f"({judge.name}), against the {len(pipeline.data['x_test'])} test images")
     print_table(rows)
-    metrics = {"rows": rows, "settings": P, "seed": r.args.seed, "device": str(r.device),
-               "processes": WORLD, "best_cfg": w_best, "judge": judge.name,
-               "classifier_accuracy": r.reports["classifier_accuracy"],
-               "tokenizer": r.reports["tokenizer"]}
-    write_json(metrics, r.path("metrics.json"))
-    print(f"[eval] wrote {r.path('metrics.json')}")
-
-
-def run_sweep(judge, base, P, gk, tokens, y_train, args, device, path):
-    """The paper's Fig. 4 at our scale: CFG scale on the base model against λ of CCA fine-tunes."""
-    res = {"cfg": [], "lam": [], "settings": P, "seed": args.seed, "base": gk["id"],
-           "judge": judge.name}
-    for w in P["sweep_cfg"]:
-        res["cfg"].append({"cfg": w, **judge.row(base, w)})
-        print(f"[sweep] base CFG {w:g}: " + scores_line(res["cfg"][-1]))
-    for lam in P["sweep_lam"]:
-        tuned = load_gpt(stage_cca({**P, "lam": lam}, gk, tokens, y_train, args, device, path),
-                         device)
-        res["lam"].append({"lam": lam, **judge.row(tuned, 1.0)})
-        print(f"[sweep] CCA λ {lam:g}: " + scores_line(res["lam"][-1]))
-    write_json(res, path("sweep.json"))
-    print_table({**{f"base, CFG {p['cfg']:g}": p for p in res["cfg"]},
-                 **{f"CCA λ={p['lam']:g}, no guidance": p for p in res["lam"]}})
-    plot_sweep(res, path("sweep.png"))
-    print(f"[sweep] wrote {path('sweep.json')} and {path('sweep.png')}")
-    return res
-
-
-def scores_line(scores):
-    return ", ".join(f"{k} {v:.3g}" for k, v in scores.items() if not k.endswith("_std"))
-
-
-def cca_name(P):
-    """The fine-tune's file name: loss, β, λ, epochs, and the row settings if not the defaults."""
-    extra = "" if P["collisions"] == "positive" else f"_{P['collisions']}"
-    if P["uncond_ratio"] != 0.1:
-        extra += f"_u{P['uncond_ratio']:g}"
-    return f"cca_{P['loss']}_b{P['beta']:g}_l{P['lam']:g}_e{P['cca_epochs']:g}{extra}"
-
-
-def load_gpt(ckpt, device):
-    model = GPT(GPTConfig(**ckpt["gpt_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    metrics = {"rows": rows, "settings": settings, "seed": seed,
+               "device": str(pipeline.device), "processes": WORLD, "best_cfg": w_best,
+               "judge": judge.name, "classifier_accuracy": pipeline.reports["judge_accuracy"],
+               "tokenizer": pipeline.reports["tokenizer"]}
+    write_json(metrics, pipeline.path("metrics.json"))
+    print(f"[eval] wrote {pipeline.path('metrics.json')}")
 
 
 # =================================================================================================
@@ -1215,20 +1061,97 @@ def step0_self_check(policy_logp, ref_logp, tokens, labels, num_classes, *, lam,
 
 # -------------------------------------------------------------------------------------------------
 
+class UserError(Exception):
+    """A mistake the user can fix: the CLI prints it as one line and exits with status 2."""
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    exit_code = 130  # Ctrl-C, after saving what can be resumed
+
+
+# The settings: COMMON, then the preset's values; a flag of the same name (--vq-steps: vq_steps)
+# overrides both. Steps are optimizer steps; epochs are passes over the training set.
+PRESETS = {
+    "micro": dict(  # the tests: seconds
+        vq_hidden=16, codebook_size=32, code_dim=8, vq_steps=40, vq_batch=64, vq_lr=2e-3,
+        vq_ae_warmup=0.1, n_layer=1, n_head=2, n_embd=32, dropout=0.0, steps=40, batch_size=32,
+        lr=3e-3, cca_epochs=0.05, cca_lr=1e-3, judge_width=8, judge_epochs=0.3,
+        eval_samples=100, samples_per_class=4, sweep_cfg=[1.0, 2.0], sweep_lam=[1.0, 10.0]),
+    "cpu": dict(  # a laptop: the default run in about 7 minutes on 2 cores
+        vq_hidden=64, codebook_size=256, code_dim=32, vq_steps=800, vq_batch=128, vq_lr=2e-3,
+        vq_l2_norm=False,  # on MNIST the plain lookup beat the l2 one by 0.4-0.9 dB PSNR
+        n_layer=4, n_head=4, n_embd=128, dropout=0.0, steps=800, batch_size=64, lr=2e-3,
+        cca_lr=2e-4, eval_samples=1000),
+    "cpu_rgb": dict(  # a laptop, RGB images (CIFAR-10): the whole pipeline in under an hour
+        # its tokenizer: 24.1 dB PSNR in 5 minutes. The README's 25 dB one (twice the codes and
+        # the batch, more steps, the plain lookup) costs over half the hour: no better samples
+        vq_hidden=64, codebook_size=512, code_dim=32, vq_steps=2000, vq_batch=128, vq_lr=2e-3,
+        vq_lr_floor=0.1, n_layer=6, n_head=6, n_embd=192, dropout=0.0,
+        steps=1600, batch_size=64, lr=1e-3, cca_epochs=0.5, cca_lr=1e-4, eval_samples=1000,
+        lam=30.0,  # this weak base wants a stronger push than MNIST's: λ 30 beat 10 and 3
+        sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0]),  # CFG's best: w ≈ 10
+    "gpu": dict(  # one GPU
+        vq_hidden=128, codebook_size=512, code_dim=32, vq_steps=8000, vq_batch=256, vq_lr=1e-3,
+        vq_lr_floor=0.1, n_layer=8, n_head=8, n_embd=384, dropout=0.1,
+        steps=20000, batch_size=256, lr=6e-4, cca_lr=6e-5, eval_samples=5000),
+}
+COMMON = dict(  # the same for every preset unless it says otherwise
+    vq_lr_floor=1.0,     # the tokenizer's final rate / vq_lr (1.0: constant)
+    vq_ae_warmup=0.05,   # share of vq_steps spent as a plain autoencoder (see train_tokenizer)
+    vq_l2_norm=True,     # look codes up by cosine (ViT-VQGAN, LlamaGen)
+    cond_dropout=0.1,    # LlamaGen's share of null-class rows in pretraining
+    cfg=2.0,             # the best FID of the CFG sweep on the default data (README)
+    temperature=1.0, top_k=None, top_p=None,
+    lr_warmup=0.05,      # share of the pretraining steps that warm the rate up (nanoGPT's idea)
+    lr_floor=0.1,        # pretraining's final rate / lr (nanoGPT's min_lr = lr / 10)
+    weight_decay=0.05,   # AdamW's, on matrices only, for pretraining and CCA
+    grad_clip=1.0,       # max gradient norm of a GPT or tokenizer step (nanoGPT's)
+    loss="cca",
+    beta=0.1,            # β·N ≈ 5 for N = 49 tokens: the log-ratio of a sequence, not a token
+    lam=10.0,            # kept after the MNIST sweeps (README); the paper tunes λ per model
+    uncond_ratio=0.1,    # the official code's: the pretraining condition-dropout rate
+    collisions="positive", cca_epochs=1.0,
+    judge_width=32,      # JudgeNet's w: 4w = 128-d features, Inception's role
+    judge_epochs=None,   # None: JUDGE_RECIPE's epochs for the images' channels
+    eval_seeds=3,        # sets of samples per table row: the fewest that give a spread
+    precision=None, samples_per_class=10,
+    sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0], sweep_lam=[1.0, 3.0, 10.0, 30.0, 100.0])
+# The judge's recipe, after the fast CIFAR-10 ones (Page's ResNet-9; Jordan's airbench): SGD with
+# Nesterov momentum, the rate warmed up linearly over `warmup` of the steps then decayed linearly
+# to 0, weight decay on weights only, label smoothing, random shifts (reflect padding) of up to
+# `shift` pixels, left-right flips for RGB only (digits must not be flipped)
+JUDGE_RECIPE = dict(batch=256, lr=0.2, momentum=0.9, weight_decay=5e-4, label_smoothing=0.2,
+                    warmup=0.2, shift={1: 2, 3: 4},
+                    epochs={1: 2.0, 3: 16.0})  # by channels: digits need few passes
+
+
 # Settings and input validation
 
 @dataclass
-class Run:
-    """What the stages share: the flags, the settings P, the device, the data, the output folder."""
+class Pipeline:
+    """What the stages share: the flags, the settings, the device, the data, the output folder,
+    and what the stages made on the way (the stages fill in the fields after `data_id`)."""
     args: argparse.Namespace
-    P: dict
+    settings: dict
     device: torch.device
     data: dict
     out: str
-    reports: dict  # what the stages measured on the way (the tokenizer's test scores, ...)
+    data_id: str                  # fingerprint(data): the tokenizer records it
+    reports: dict = field(default_factory=dict)  # what the stages measured (tokenizer, judge)
+    models: dict = field(default_factory=dict)   # {"base": GPT, "cca" (or --loss): GPT}
+    tokenizer: nn.Module = None
+    tokens: dict = None           # {"train": (N, h*w), "test": ...}
+    base_ckpt: dict = None        # gpt.pt: the fine-tunes record its id
+    panels: dict = None           # {title: sample images} of the comparison figure
+    judge: "Judge" = None
 
     def path(self, file):
         return os.path.join(self.out, file)
+
+    @property
+    def seed(self):
+        return self.args.seed
 
     @property
     def K(self):
@@ -1245,26 +1168,30 @@ class Run:
         return torch.from_numpy(self.data["y_train"])
 
 
+def pick(settings, keys):
+    return {k: settings[k] for k in keys}
+
+
 def setup(args):
     """Device, settings, data and the output folder; the reference checkpoints with --pretrained."""
     device = init_distributed(pick_device(args.device))
     check_pretrained(args)
     preset = chosen_preset(args, device)
-    P = settings(args, preset, device)  # before the data: a bad flag is said before a download
-    data = load_dataset_rank0_first(args)
+    settings = checked_settings(args, preset, device)  # before the data: a bad flag is said
+    data = load_dataset_rank0_first(args)               # before a download
     name = dataset_name(args.dataset)
     out = args.out or os.path.join("runs", name)
     make_writable_folder(out)
     if args.pretrained:
         copy_pretrained(out)
     (H, W, C), K = data["x_train"].shape[1:], len(data["classes"])
-    ddp_note = f"; {WORLD} processes (DDP), global batch {P['batch_size']}" if WORLD > 1 else ""
+    ddp_note = (f"; {WORLD} processes (DDP), global batch {settings['batch_size']}"
+                if WORLD > 1 else "")
     print(f"minicca: {name}: {len(data['x_train'])} train / {len(data['x_test'])} test images "
           f"{H}x{W}x{C}, {K} classes; device {device}; preset {preset}; out {out}{ddp_note}")
-    if device.type == "cpu" and P["n_embd"] >= 384:
-        warn_estimate(P, (H // 4, W // 4), K, device)
-    return Run(args, P, device, data, out, {"data_id": fingerprint(data)})
-
+    if device.type == "cpu" and settings["n_embd"] >= 384:
+        warn_estimate(settings, (H // 4, W // 4), K, device)
+    return Pipeline(args, settings, device, data, out, fingerprint(data))
 
 
 REDO = {  # --retrain X redoes these stages
@@ -1323,48 +1250,48 @@ def image_channels(dataset):
     return shape[3] if len(shape) == 4 else 1
 
 
-def settings(args, preset, device):
+def checked_settings(args, preset, device):
     """The preset overridden by every flag given, then checked: one line per rule, the first one
     broken is the error."""
-    P = {**COMMON, **PRESETS[preset]}
-    P.update({k: v for k, v in vars(args).items() if k in P and v is not None})
-    P["precision"] = resolve_precision(P["precision"], device)
+    settings = {**COMMON, **PRESETS[preset]}
+    settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
+    settings["precision"] = resolve_precision(settings["precision"], device)
     checks = [
-        ("beta", P["beta"] > 0, "> 0"),
-        ("lam", P["lam"] >= 0, ">= 0"),
-        ("uncond-ratio", 0 <= P["uncond_ratio"] < 1, "in [0, 1)"),
-        ("cfg", P["cfg"] >= 0, ">= 0"),
-        ("temperature", P["temperature"] >= 0, ">= 0"),
-        ("top-p", P["top_p"] is None or 0 < P["top_p"] <= 1, "in (0, 1]"),
-        ("top-k", P["top_k"] is None or P["top_k"] >= 1, ">= 1"),
-        ("cond-dropout", 0 <= P["cond_dropout"] < 1, "in [0, 1)"),
-        ("batch-size", P["batch_size"] > 0, "> 0"),
-        ("steps", P["steps"] > 0, "> 0"),
-        ("vq-steps", P["vq_steps"] > 0, "> 0"),
-        ("vq-batch", P["vq_batch"] > 0, "> 0"),
-        ("cca-epochs", P["cca_epochs"] > 0, "> 0"),
-        ("clf-epochs", P["clf_epochs"] > 0, "> 0"),
-        ("eval-samples", P["eval_samples"] > 0, "> 0"),
-        ("eval-seeds", P["eval_seeds"] > 0, "> 0"),
-        ("samples-per-class", P["samples_per_class"] > 0, "> 0"),
-        ("lr", P["lr"] > 0, "> 0"),
-        ("cca-lr", P["cca_lr"] > 0, "> 0"),
-        ("n-layer", P["n_layer"] > 0, "> 0"),
-        ("n-embd", P["n_embd"] > 0, "> 0"),
-        ("n-head", P["n_head"] > 0, "> 0"),
-        ("n-embd", P["n_embd"] % max(P["n_head"], 1) == 0, "a multiple of --n-head"),
-        ("dropout", 0 <= P["dropout"] < 1, "in [0, 1)"),
-        ("codebook-size", P["codebook_size"] >= 2, ">= 2"),
+        ("beta", settings["beta"] > 0, "> 0"),
+        ("lam", settings["lam"] >= 0, ">= 0"),
+        ("uncond-ratio", 0 <= settings["uncond_ratio"] < 1, "in [0, 1)"),
+        ("cfg", settings["cfg"] >= 0, ">= 0"),
+        ("temperature", settings["temperature"] >= 0, ">= 0"),
+        ("top-p", settings["top_p"] is None or 0 < settings["top_p"] <= 1, "in (0, 1]"),
+        ("top-k", settings["top_k"] is None or settings["top_k"] >= 1, ">= 1"),
+        ("cond-dropout", 0 <= settings["cond_dropout"] < 1, "in [0, 1)"),
+        ("batch-size", settings["batch_size"] > 0, "> 0"),
+        ("steps", settings["steps"] > 0, "> 0"),
+        ("vq-steps", settings["vq_steps"] > 0, "> 0"),
+        ("vq-batch", settings["vq_batch"] > 0, "> 0"),
+        ("cca-epochs", settings["cca_epochs"] > 0, "> 0"),
+        ("judge-epochs", settings["judge_epochs"] is None or settings["judge_epochs"] > 0, "> 0"),
+        ("eval-samples", settings["eval_samples"] > 0, "> 0"),
+        ("eval-seeds", settings["eval_seeds"] > 0, "> 0"),
+        ("samples-per-class", settings["samples_per_class"] > 0, "> 0"),
+        ("lr", settings["lr"] > 0, "> 0"),
+        ("cca-lr", settings["cca_lr"] > 0, "> 0"),
+        ("n-layer", settings["n_layer"] > 0, "> 0"),
+        ("n-embd", settings["n_embd"] > 0, "> 0"),
+        ("n-head", settings["n_head"] > 0, "> 0"),
+        ("n-embd", settings["n_embd"] % max(settings["n_head"], 1) == 0, "a multiple of --n-head"),
+        ("dropout", 0 <= settings["dropout"] < 1, "in [0, 1)"),
+        ("codebook-size", settings["codebook_size"] >= 2, ">= 2"),
         ("seed", args.seed >= 0, ">= 0"),
         ("save-every", args.save_every >= 0, ">= 0 (0: never)"),
-        ("batch-size", P["batch_size"] % WORLD == 0, f"a multiple of the {WORLD} processes"),
+        ("batch-size", settings["batch_size"] % WORLD == 0, f"a multiple of the {WORLD} processes"),
     ]
     for flag, ok, what in checks:
         if not ok:
             key = flag.replace("-", "_")
-            value = P[key] if key in P else getattr(args, key)
+            value = settings[key] if key in settings else getattr(args, key)
             raise UserError(f"--{flag} must be {what}, got {value}")
-    return P
+    return settings
 
 
 def validate_arrays(arrays, source):
@@ -1604,12 +1531,6 @@ def autocast(device, precision=None):
     return contextlib.nullcontext()
 
 
-def precision_key(P):
-    """A stage trained in bf16 records it (fp32 checkpoints keep the configs they always had)."""
-    precision = P.get("precision") or "fp32"
-    return {} if precision == "fp32" else {"precision": precision}
-
-
 def resolve_precision(precision, device):
     if precision is None:
         return "bf16" if device.type == "cuda" else "fp32"
@@ -1646,6 +1567,35 @@ def tokenizer_report(tokenizer, x_uint8, device, batch=1000):
     return {"mse": mse, "psnr": psnr, "usage": usage, "perplexity": perplexity}
 
 
+def report_tokenizer(pipeline, tokenizer, history):
+    """The tokenizer's test-set scores (kept for metrics.json), the lowest share of the codes a
+    training batch used, and a reconstruction grid."""
+    data, device = pipeline.data, pipeline.device
+    report = pipeline.reports["tokenizer"] = tokenizer_report(tokenizer, data["x_test"], device)
+    print(f"[tokenizer] test MSE {report['mse']:.4f}, PSNR {report['psnr']:.2f} dB, codebook "
+          f"usage {report['usage']:.0%}, perplexity {report['perplexity']:.0f} of "
+          f"{tokenizer.config.codebook_size}")
+    quantised = [h for h in history if "usage" in h]  # the steps after any warm-up
+    if quantised:
+        low = min(quantised, key=lambda h: h["usage"])
+        print(f"[tokenizer] share of the codes a training batch used: lowest {low['usage']:.0%} "
+              f"(step {low['step']}) of steps {quantised[0]['step']}-{quantised[-1]['step']}")
+    x = to_float(data["x_test"][:16]).to(device)
+    recon = tokenizer.decode(tokenizer.encode(x))
+    save_grid(torch.cat([x, recon]), 16, pipeline.path("tokenizer_recon.png"))
+
+
+def report_pretrain(pipeline, base):
+    tokens, device = pipeline.tokens, pipeline.device
+    n_test = len(tokens["test"])
+    y_test = torch.from_numpy(pipeline.data["y_test"])
+    train_bits = bits_per_token(base, tokens["train"][:n_test], pipeline.y_train[:n_test], device)
+    val_bits = bits_per_token(base, tokens["test"], y_test, device)
+    millions = sum(p.numel() for p in base.parameters()) / 1e6
+    print(f"[pretrain] {millions:.2f}M parameters; bits/token: train {train_bits:.3f}, "
+          f"val {val_bits:.3f}")
+
+
 # Checkpoints and resume
 
 @rank0_only
@@ -1672,7 +1622,7 @@ def load_checkpoint(path, device="cpu", stage="all"):
     return ckpt
 
 
-def check_config(path, saved, wanted, stage, fix=None):
+def check_made_with(path, saved, wanted, stage, fix=None):
     """A checkpoint made with other settings is an error naming each difference and the fix."""
     keys = sorted(set(saved) | set(wanted))
     diff = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in keys
@@ -1682,17 +1632,19 @@ def check_config(path, saved, wanted, stage, fix=None):
         raise UserError(f"{path} was made with other settings ({'; '.join(diff)}): {fix}")
 
 
-def run_stage(name, path, config, build, args, device):
-    """Load the checkpoint at `path` if it was made with `config`, else build it:
-    build(partial, config) -> dict, where `partial` is the path of its resumable save."""
+def run_stage(pipeline, name, file, made_with, build):
+    """Load the checkpoint `file` under --out if it was made with the settings `made_with`, else
+    build it: build(hooks) -> dict, hooks the Saves of its resumable checkpoint, file.partial."""
+    path, args, device = pipeline.path(file), pipeline.args, pipeline.device
     if os.path.exists(path) and name not in args.redo:
         ckpt = load_checkpoint(path, device, name)
-        check_config(path, ckpt.get("config", {}), config, name)
+        check_made_with(path, ckpt.get("config", {}), made_with, name)
         print(f"[{name}] up to date: {path}")
         return ckpt
     torch.manual_seed(args.seed)
-    ckpt = build(path + ".partial", config)
-    ckpt.update(config=config, id=os.urandom(4).hex())  # downstream stages record this id
+    resume = args.resume and name not in args.redo
+    ckpt = build(Saves(path + ".partial", made_with, device, args.save_every, resume))
+    ckpt.update(config=made_with, id=os.urandom(4).hex())  # downstream stages record this id
     save_checkpoint(ckpt, path)
     if RANK == 0 and os.path.exists(path + ".partial"):
         os.remove(path + ".partial")
@@ -1701,17 +1653,26 @@ def run_stage(name, path, config, build, args, device):
     return ckpt
 
 
-class Saves:
-    """The resumable checkpoint of one training stage, `partial`: weights, optimizer, step, history
-    and the settings it was made with. train_loop calls these four methods."""
+class Saves(Hooks):
+    """train_loop's Hooks for the command line: the resumable checkpoint of one stage, `partial`
+    (weights, optimizer, step, history and the settings it was made with), and torchrun."""
 
-    def __init__(self, partial, config, device, save_every, resume):
+    def __init__(self, partial, made_with, device, save_every, resume):
         self.partial = partial
-        self.config = config
+        self.made_with = made_with
         self.device = device
         self.save_every = save_every
         self.resume = resume
         self.start = 0
+
+    def wrap(self, model, find_unused_parameters=False):
+        return ddp(model, find_unused_parameters)
+
+    def shard(self, batch):
+        return shard(batch)
+
+    def average(self, stats):
+        return across_ranks(stats, self.device)
 
     def restore(self, name, model, optimizer, num_steps):
         """(first step, history so far): from `partial` with --resume, else (0, [])."""
@@ -1722,8 +1683,8 @@ class Saves:
                   f"continue it. Starting over.")
             return 0, []
         state = load_checkpoint(self.partial, self.device, name)
-        check_config(self.partial, state["config"], self.config, name,
-                     "run without --resume to start over")
+        check_made_with(self.partial, state["config"], self.made_with, name,
+                        "run without --resume to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         self.start = state["step"]
@@ -1732,20 +1693,18 @@ class Saves:
 
     def save(self, model, optimizer, history):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "step": len(history), "history": history, "config": self.config}
+                 "step": len(history), "history": history, "config": self.made_with}
         save_checkpoint(state, self.partial)
 
-    def every_few_steps(self, model, optimizer, history, num_steps):
+    def after_step(self, model, optimizer, history, num_steps):
         done = len(history)
         if self.save_every and done % self.save_every == 0 and done < num_steps:
             self.save(model, optimizer, history)
 
-    def stop_if_not_finite(self, name, step, loss):
-        if math.isfinite(loss):
-            return
+    def not_finite(self, name, step):
         kept = self.partial if os.path.exists(self.partial) else "no partial checkpoint yet"
-        raise UserError(f"[{name}] non-finite loss at step {step}; stopped, last good checkpoint "
-                        f"kept ({kept}). Try a lower learning rate.")
+        return UserError(f"[{name}] non-finite loss at step {step}; stopped, last good checkpoint "
+                         f"kept ({kept}). Try a lower learning rate.")
 
     def interrupted(self, name, model, optimizer, history, clean):
         """Ctrl-C: save what is complete (never a half-made step); the error to raise."""
@@ -1755,28 +1714,6 @@ class Saves:
                            f"{self.partial}: rerun the same command with --resume to continue")
 
 
-def saves_for(name, partial, config, device, args):
-    """The Saves of stage `name` as the command line asks (--save-every, --resume, --retrain)."""
-    resume = args.resume and name not in args.redo
-    return Saves(partial, config, device, args.save_every, resume)
-
-
-def export_pretrained(run_dir, dest=PRETRAINED):
-    """Copy the default run's checkpoints (python minicca.py --out run_dir) into
-    tiny_data/pretrained, float weights stored as float16 to halve their size; --pretrained
-    starts from them."""
-    os.makedirs(dest, exist_ok=True)
-    cca_file = cca_name({**COMMON, **PRESETS["cpu"]}) + ".pt"
-    for f in ["tokenizer.pt", "gpt.pt", cca_file]:  # the judge is shipped on its own
-        ckpt = load_checkpoint(os.path.join(run_dir, f))
-        ckpt["model"] = {k: v.half() if v.is_floating_point() else v
-                         for k, v in ckpt["model"].items()}
-        save_checkpoint(ckpt, os.path.join(dest, f))
-        print(f"{os.path.join(dest, f)}: {os.path.getsize(os.path.join(dest, f)) / 2**20:.2f} MiB")
-
-
-
-
 # The shipped reference judges
 
 JUDGES = {"mnist": os.path.join(HERE, "tiny_data", "judge_mnist.pt"),
@@ -1784,13 +1721,14 @@ JUDGES = {"mnist": os.path.join(HERE, "tiny_data", "judge_mnist.pt"),
 
 
 def load_judge(name_or_path, device="cpu"):
-    """A shipped judge by name ("mnist", "cifar10": JUDGES) or a file from `python minicca.py
-    judge`: a JudgeNet in eval mode with float32 weights on `device`. judge.info holds how it was
-    made: classes, image_shape (H, W, C), test_accuracy (single view), test_accuracy_flip,
-    command, data (fingerprint), epochs, seconds, machine, date."""
+    """A shipped judge by name ("mnist", "cifar10": JUDGES) or a file from tools/make_judge.py: a
+    JudgeNet in eval mode with float32 weights on `device`. judge.info holds how it was made:
+    classes, image_shape (H, W, C), test_accuracy (single view), test_accuracy_flip, command,
+    data (fingerprint), epochs, seconds, machine, date."""
     path = JUDGES.get(name_or_path, name_or_path)
     if not os.path.isfile(path):
-        raise UserError(f"no judge file {path} (make one: python minicca.py judge --dataset ...)")
+        raise UserError(f"no judge file {path} (make one: python tools/make_judge.py --dataset "
+                        f"...)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     judge = JudgeNet(**ckpt["config"])
     judge.load_state_dict({k: v.float() if v.is_floating_point() else v
@@ -1800,47 +1738,79 @@ def load_judge(name_or_path, device="cpu"):
     return judge.to(device).eval()
 
 
-# Training the reference judges (python minicca.py judge): any fixed, accurate classifier
-# would do; this recipe follows the fast CIFAR-10 ones
+class JudgeNet(nn.Module):
+    """The shipped reference judge, shaped like the fast CIFAR-10 networks (Page's ResNet-9,
+    Jordan's airbench) without residual branches: a conv stem, then three groups of conv -> 2x2
+    max-pool -> conv with widths w, 4w, 4w, each conv followed by batch norm and GELU; a global max
+    pool gives the 4w-d features (128-d at w = 32: Inception's role for FID and precision/recall)
+    and a linear head the logits. (B, C, H, W) in [0, 1] -> features (B, 4w) -> logits (B, K)."""
 
-JUDGE_EPOCHS = {1: 2.0, 3: 16.0}  # by channels: digits need few passes (see tiny_data/README.md)
+    def __init__(self, channels, num_classes, width=32, stem=24):
+        super().__init__()
+        self.config = {"channels": channels, "num_classes": num_classes, "width": width,
+                       "stem": stem}
+        layers, prev = conv_bn_gelu(channels, stem), stem
+        for w in (width, 4 * width, 4 * width):      # 32x32 -> 16 -> 8 -> 4 (28x28 -> 14 -> 7 -> 3)
+            conv, *norm = conv_bn_gelu(prev, w)
+            layers += [conv, nn.MaxPool2d(2), *norm, *conv_bn_gelu(w, w)]  # pool, then BN: cheaper
+            prev = w
+        self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.head = nn.Linear(prev, num_classes, bias=False)
+
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
-def train_judge(data, epochs=None, seed=0, device="cpu", width=32, batch=256, lr=0.2):
-    """The reference judge's recipe, after the fast CIFAR-10 recipes (Page; Jordan): SGD with
-    Nesterov momentum 0.9, batch 256, learning rate warmed up linearly over the first fifth of the
-    steps then decayed linearly to 0, weight decay 5e-4 (weights only), label smoothing 0.2, each
-    image shifted by up to 4 pixels (2 for one-channel images) with reflect padding, and flipped
-    left-right for RGB only (digits must not be flipped). data: load_dataset's dict; epochs:
-    passes over x_train (default JUDGE_EPOCHS by channel count). Returns the net in eval mode."""
-    torch.manual_seed(seed)
+def conv_bn_gelu(i, o):
+    return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.GELU()]
+
+
+# Training a judge: the one recipe (JUDGE_RECIPE) for the shipped judges (tools/make_judge.py) and
+# a judge trained on a run's own data (--judge train, cached as classifier.pt)
+
+def train_judge(data, epochs=None, width=32, seed=0, device="cpu", hooks=Hooks(),
+                recipe=JUDGE_RECIPE, precision=None, name="judge"):
+    """A JudgeNet of `width` trained on data["x_train"] for `epochs` passes (None: the recipe's
+    for the images' channels) with JUDGE_RECIPE, then measured on x_test (single view). precision
+    None: bf16 where the hardware does bf16 math. Returns {"model": state dict (eval mode),
+    "history", "test_accuracy"}."""
     device = torch.device(device)
     X, Y = to_float(data["x_train"]), torch.from_numpy(data["y_train"])
     C = X.size(1)
-    epochs = epochs or JUDGE_EPOCHS.get(C, JUDGE_EPOCHS[3])
+    epochs = epochs or recipe["epochs"][C]
     fast = torch.channels_last  # measured on CPU: about 1.5x faster than NCHW here
     model = JudgeNet(C, len(data["classes"]), width).to(device, memory_format=fast)
     decay = [p for p in model.parameters() if p.dim() > 1]
     rest = [p for p in model.parameters() if p.dim() <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest}], lr=lr,
-                          momentum=0.9, nesterov=True, weight_decay=0.0)
-    B = min(batch, len(X))
+    groups = [{"params": decay, "weight_decay": recipe["weight_decay"]}, {"params": rest}]
+    opt = torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=True,
+                          weight_decay=0.0)
+    net = hooks.wrap(model)
+    B = min(recipe["batch"], len(X))
     steps = max(round(epochs * (len(X) // B)), 1)
-    model.train()
-    for step in tqdm(range(steps), desc="judge", dynamic_ncols=True, mininterval=5):
+    up, down = recipe["warmup"] * steps, (1 - recipe["warmup"]) * steps
+
+    def lr_at(step):  # linear warm-up, then linear decay to 0
+        return recipe["lr"] * min(1, (step + 1) / up, (steps - step) / down)
+
+    def batch_loss(step):  # augmented on the global batch: every rank draws the same shifts
         idx = batch_indices(len(X), B, step, seed)
-        x = random_shift(X[idx], pad=4 if C == 3 else 2)
+        x = random_shift(X[idx], pad=recipe["shift"][C])
         if C == 3:
             x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(3), x)
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1, (step + 1) / (0.2 * steps), (steps - step) / (0.8 * steps))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_is_fast(device)):
-            logits = model(x.to(device, memory_format=fast))
-        loss = F.cross_entropy(logits.float(), Y[idx].to(device), label_smoothing=0.2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval()
+        x, y = hooks.shard(x), hooks.shard(Y[idx])  # BatchNorm: per-rank statistics
+        logits = net(x.to(device, memory_format=fast))
+        return F.cross_entropy(logits.float(), y.to(device),
+                               label_smoothing=recipe["label_smoothing"]), {}
+
+    model.train()
+    precision = precision or ("bf16" if bf16_is_fast(device) else "fp32")
+    history = train_loop(name, model, opt, steps, lr_at, batch_loss, seed, device, precision,
+                         None, hooks)
+    model.eval()
+    probs = classify(model, data["x_test"], device)[1]
+    accuracy = probs.argmax(1).eq(torch.from_numpy(data["y_test"])).float().mean().item()
+    return {"model": model.state_dict(), "history": history, "test_accuracy": accuracy}
 
 
 def random_shift(x, pad):
@@ -1864,117 +1834,76 @@ def bf16_is_fast(device):
     return device.type == "cpu" and check is not None and check()
 
 
-def judge_accuracy(judge, data, device):
-    """Test accuracy of a judge, single view and averaged over the image and its mirror (flip
-    test-time averaging: what classify and evaluate use for a loaded RGB judge; None for one
-    channel). `judge` is a freshly trained net, without flip_average."""
-    y = torch.from_numpy(data["y_test"])
-    probs = classify(judge, data["x_test"], device)[1]
-    single = probs.argmax(1).eq(y).float().mean().item()
-    if data["x_test"].shape[3] != 3:
-        return single, None
-    mirrored = classify(judge, to_float(data["x_test"]).flip(3), device)[1]
-    return single, (probs + mirrored).argmax(1).eq(y).float().mean().item()
+# Which judge scores a run
+
+def judge_for(pipeline):
+    """(classifier, name) for --judge: the shipped judge of this dataset, one trained on this
+    run's training images (train; the default where none is shipped), or a judge file."""
+    choice = pipeline.args.judge or ("shipped" if shipped_judge(pipeline) else "train")
+    if choice == "train":
+        return judge_trained_here(pipeline)
+    path = choice if choice != "shipped" else shipped_judge(pipeline) or no_shipped_judge(pipeline)
+    classifier = load_judge(path, pipeline.device)
+    check_judge_fits(classifier, pipeline.data, path)
+    name = os.path.relpath(path, HERE) if path.startswith(HERE) else path
+    info = classifier.info
+    accuracy = info["test_accuracy_flip" if classifier.flip_average else "test_accuracy"]
+    pipeline.reports["judge_accuracy"] = accuracy
+    views = " with flip averaging" if classifier.flip_average else ""
+    print(f"[judge] {name}: test accuracy {accuracy:.2%}{views} (where it was made; see "
+          f"tiny_data/README.md)")
+    return classifier, name
 
 
-# The reference judges: `python minicca.py judge` trains one and stores it for load_judge
-
-def make_judge(args):
-    """python minicca.py judge --dataset D: train a JudgeNet (train_judge) on D's training images,
-    measure it on D's test images, store it with float16 weights and its metadata (load_judge reads
-    both), default tiny_data/judge_<name>.pt, and print the test accuracy."""
-    device = pick_device(args.device)
-    data = load_dataset(args.dataset, args.data_root)
-    out = args.out or os.path.join(HERE, "tiny_data", f"judge_{dataset_name(args.dataset)}.pt")
-    if os.path.dirname(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    H, W, C = data["x_train"].shape[1:]
-    epochs = args.judge_epochs or JUDGE_EPOCHS.get(C, JUDGE_EPOCHS[3])
-    print(f"minicca judge: {len(data['x_train'])} train / {len(data['x_test'])} test images "
-          f"{H}x{W}x{C}, {len(data['classes'])} classes; {epochs:g} epochs on {device}; out {out}")
-    t0 = time.time()
-    judge = train_judge(data, epochs, args.seed, device).cpu().float()
-    seconds = time.time() - t0
-    half = {k: v.half() if v.is_floating_point() else v for k, v in judge.state_dict().items()}
-    judge.load_state_dict(half)  # measure the weights that are shipped: float16, rounded
-    single, flip = judge_accuracy(judge, data, torch.device("cpu"))
-    info = {"classes": [str(c) for c in data["classes"]], "image_shape": [H, W, C],
-            "test_accuracy": single, "test_accuracy_flip": flip, "epochs": epochs,
-            "seed": args.seed, "data": fingerprint(data), "command": args.command_line,
-            "seconds": seconds, "machine": machine(device),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    save_checkpoint({"model": half, "config": judge.config, "info": info}, out)
-    print(f"[judge] test accuracy {single:.2%} single view"
-          + (f", {flip:.2%} with flip averaging (what classify and evaluate use for RGB)"
-             if flip is not None else " (what classify and evaluate use)")
-          + f"; trained in {seconds / 60:.1f} min; wrote {out} "
-          f"({os.path.getsize(out) / 2**10:.0f} KiB)")
+def judge_trained_here(pipeline):
+    """--judge train: a JudgeNet trained on this run's training images, cached in --out."""
+    settings, data, device = pipeline.settings, pipeline.data, pipeline.device
+    made_with = {"data": pipeline.data_id, "seed": pipeline.seed,
+                 **pick(settings, ["judge_width", "judge_epochs", "precision"])}
+    build = functools.partial(train_judge, data, settings["judge_epochs"],
+                              settings["judge_width"], pipeline.seed + 2, device,
+                              precision=settings["precision"], name="classifier")  # seed + 2:
+    #                                                                     not the GPT's batches
+    ckpt = run_stage(pipeline, "classifier", "classifier.pt", made_with,
+                     lambda hooks: build(hooks=hooks))
+    classifier = JudgeNet(data["x_train"].shape[3], pipeline.K, settings["judge_width"])
+    classifier.load_state_dict(ckpt["model"])
+    pipeline.reports["judge_accuracy"] = ckpt["test_accuracy"]
+    print(f"[classifier] test accuracy {ckpt['test_accuracy']:.2%}")
+    return classifier.to(device).eval(), "trained here (classifier.pt)"
 
 
-def machine(device):
-    """A one-line description of where something was measured: CPU model and threads, or the GPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = "CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"{model}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
-
-
-# Which judge scores a run, and training a per-run judge (.npz datasets, --judge train)
-
-def best_cfg_for(r, judge, base, base_id):
+def best_cfg_for(pipeline):
     """The base model's CFG scale with the lowest FID among the sweep's scales (w > 1): read from
     sweep.json when a sweep of this base model and judge is there, else a quick search with half
     the samples and one seed."""
-    candidates = [w for w in r.P["sweep_cfg"] if w > 1]
-    if os.path.exists(r.path("sweep.json")):
-        with open(r.path("sweep.json")) as f:
+    settings, judge, base = pipeline.settings, pipeline.judge, pipeline.models["base"]
+    candidates = [w for w in settings["sweep_cfg"] if w > 1]
+    if os.path.exists(pipeline.path("sweep.json")):
+        with open(pipeline.path("sweep.json")) as f:
             sweep = json.load(f)
         done = {p["cfg"]: p for p in sweep["cfg"] if p["cfg"] in candidates}
-        if sweep.get("base") == base_id and sweep.get("judge") == judge.name and done:
+        same = sweep.get("base") == pipeline.base_ckpt["id"] and sweep.get("judge") == judge.name
+        if same and done:
             return best_cfg_scale(lambda w: done[w], list(done))[0]
-    n = max(r.P["eval_samples"] // 2, 2 * r.K)
+    n = max(settings["eval_samples"] // 2, 2 * pipeline.K)  # at least 2 samples per class
     w, fids = best_cfg_scale(lambda w: judge(base, w, n=n), candidates)
     print(f"[eval] best CFG scale by FID ({n} samples): w = {w:g} ("
           + ", ".join(f"{c:g}: {fid:.3g}" for c, fid in fids.items()) + ")")
     return w
 
 
-class Classifier(nn.Module):
-    """A small CNN; its 128-d penultimate features play Inception's role for FID and
-    precision/recall."""
-
-    def __init__(self, channels, num_classes, width=32):
-        super().__init__()
-        w = width
-
-        def conv(i, o):
-            return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
-        self.features = nn.Sequential(
-            *conv(channels, w), *conv(w, w), nn.MaxPool2d(2),                  # (B, w, H/2, W/2)
-            *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),             # (B, 2w, H/4, W/4)
-            *conv(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),        # (B, 4w)
-            nn.Linear(4 * w, 128), nn.ReLU())                                  # (B, 128)
-        self.head = nn.Linear(128, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def shipped_judge(r):
+def shipped_judge(pipeline):
     """The shipped judge's file for this run's data, or None: MNIST's for mnist and the tiny subset,
     CIFAR-10's for cifar10 (an .npz named mnist.npz or cifar10.npz counts as that dataset)."""
-    name = dataset_name(r.args.dataset)
+    name = dataset_name(pipeline.args.dataset)
     path = JUDGES.get("mnist" if name == "tiny" else name)
     return path if path is not None and os.path.exists(path) else None
 
 
-def no_shipped_judge(r):
+def no_shipped_judge(pipeline):
     raise UserError(f"--judge shipped: there is no shipped judge for "
-                    f"{dataset_name(r.args.dataset)!r} (shipped: {', '.join(JUDGES)}); use "
+                    f"{dataset_name(pipeline.args.dataset)!r} (shipped: {', '.join(JUDGES)}); use "
                     f"--judge train or --judge path/to/judge.pt")
 
 
@@ -1988,60 +1917,76 @@ def check_judge_fits(judge, data, path):
                         f"--judge train")
 
 
-def train_judge_here(r):
-    """--judge train: a classifier trained on this run's training images, cached in --out."""
-    P = r.P
-    config = {"data": r.reports["data_id"], "seed": r.args.seed, "clf_width": P["clf_width"],
-              "clf_epochs": P["clf_epochs"], **precision_key(P)}
-    build = functools.partial(train_classifier, r.data, P, r.args, r.device)
-    ck = run_stage("classifier", r.path("classifier.pt"), config, build, r.args, r.device)
-    clf = Classifier(r.data["x_train"].shape[3], r.K, P["clf_width"]).to(r.device)
-    clf.load_state_dict(ck["model"])
-    clf.eval()
-    r.reports["classifier_accuracy"] = ck["test_accuracy"]
-    print(f"[classifier] test accuracy {ck['test_accuracy']:.2%}")
-    return clf, "trained here (classifier.pt)"
+# The pipeline's figures and the sweep
+
+def stage_samples(pipeline):
+    """4. Samples of the base model, guidance-free and with CFG: a row per class."""
+    w, per_class = pipeline.settings["cfg"], pipeline.settings["samples_per_class"]
+    base = pipeline.models["base"]
+    pipeline.panels = {"base, no guidance": class_rows(pipeline, base, 1.0),
+                       f"base, CFG {w:g}": class_rows(pipeline, base, w)}
+    files = ["samples_base.png", f"samples_base_cfg{w:g}.png"]
+    for (title, images), file in zip(pipeline.panels.items(), files):
+        save_grid(images, per_class, pipeline.path(file))
+        print(f"[samples] {title}: {pipeline.path(file)} (a row per class)")
 
 
-
-def train_classifier(data, P, args, device, partial, config):
-    """The per-run judge: AdamW with a cosine schedule; random crops and flips for RGB images."""
-    X = to_float(data["x_train"])
-    Y = torch.from_numpy(data["y_train"])
-    model = Classifier(X.size(1), len(data["classes"]), P["clf_width"]).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
-    net = ddp(model)
-    B = min(128, len(X))
-    steps = max(math.ceil(P["clf_epochs"] * len(X) / B), 1)
-
-    def batch_loss(step):
-        idx = batch_indices(len(X), B, step, args.seed + 2)
-        x = X[idx].to(device)
-        y = Y[idx].to(device)
-        if x.size(1) == 3:  # RGB: random flips and crops; digits must not be flipped
-            x = random_flip_and_crop(x)
-        loss = F.cross_entropy(net(shard(x)).float(), shard(y))  # BatchNorm: per-rank statistics
-        return loss, {}
-
-    model.train()
-    saves = saves_for("classifier", partial, config, device, args)
-    history = train_loop("classifier", model, opt, steps, cosine_lr(2e-3, steps), batch_loss,
-                         device, args.seed, saves, P.get("precision"))
-    model.eval()
-    probs = classify(model, data["x_test"], device)[1]
-    accuracy = probs.argmax(1).eq(torch.from_numpy(data["y_test"])).float().mean().item()
-    return {"model": model.state_dict(), "history": history, "test_accuracy": accuracy}
+def class_rows(pipeline, model, cfg_scale):
+    """samples_per_class images of each class, class by class (the rows of a grid)."""
+    labels = torch.arange(pipeline.K, device=pipeline.device)
+    labels = labels.repeat_interleave(pipeline.settings["samples_per_class"])
+    return sample_images(model, pipeline.tokenizer, labels, cfg_scale, pipeline.grid,
+                         pipeline.settings, pipeline.device, pipeline.seed)[0]
 
 
-def random_flip_and_crop(x, pad=4):
-    """(B, C, H, W) -> the same shape: each image flipped with probability 1/2, then the batch
-    shifted by one random offset in [-pad, pad]^2 (reflect padding)."""
-    flip = torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5
-    x = torch.where(flip, x.flip(3), x)
-    dx, dy = torch.randint(-pad, pad + 1, (2,)).tolist()
-    H, W = x.shape[2:]
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    return padded[:, :, pad + dy:pad + dy + H, pad + dx:pad + dx + W]
+def stage_compare(pipeline):
+    """The comparison figure: base and fine-tuned model, each without and with CFG."""
+    settings = pipeline.settings
+    for w in (1.0, settings["cfg"]):
+        title = f"{settings['loss']}, " + ("no guidance" if w == 1 else f"CFG {w:g}")
+        pipeline.panels[title] = class_rows(pipeline, pipeline.models[settings["loss"]], w)
+    file = pipeline.path(f"compare_{cca_name(settings)}.png")
+    save_panels(pipeline.panels, settings["samples_per_class"], file,
+                f"β={settings['beta']:g}, λ={settings['lam']:g}, rows: classes")
+    print(f"[cca] comparison: {file}")
+
+
+def stage_sweep(pipeline):
+    """The paper's Fig. 4 at our scale: CFG scale on the base model against λ of CCA fine-tunes."""
+    settings, judge, base = pipeline.settings, pipeline.judge, pipeline.models["base"]
+    result = {"cfg": [], "lam": [], "settings": settings, "seed": pipeline.seed,
+              "base": pipeline.base_ckpt["id"], "judge": judge.name}
+    for w in settings["sweep_cfg"]:
+        result["cfg"].append({"cfg": w, **judge.row(base, w)})
+        print(f"[sweep] base CFG {w:g}: " + scores_line(result["cfg"][-1]))
+    for lam in settings["sweep_lam"]:
+        tuned = finetuned(pipeline, {**settings, "lam": lam})
+        result["lam"].append({"lam": lam, **judge.row(tuned, 1.0)})
+        print(f"[sweep] CCA λ {lam:g}: " + scores_line(result["lam"][-1]))
+    write_json(result, pipeline.path("sweep.json"))
+    print_table({**{f"base, CFG {p['cfg']:g}": p for p in result["cfg"]},
+                 **{f"CCA λ={p['lam']:g}, no guidance": p for p in result["lam"]}})
+    plot_sweep(result, pipeline.path("sweep.png"))
+    print(f"[sweep] wrote {pipeline.path('sweep.json')} and {pipeline.path('sweep.png')}")
+
+
+def scores_line(scores):
+    return ", ".join(f"{k} {v:.3g}" for k, v in scores.items() if not k.endswith("_std"))
+
+
+def cca_name(settings):
+    """The fine-tune's file name: loss, β, λ, epochs, and the row settings if not the defaults."""
+    extra = "" if settings["collisions"] == "positive" else f"_{settings['collisions']}"
+    if settings["uncond_ratio"] != COMMON["uncond_ratio"]:
+        extra += f"_u{settings['uncond_ratio']:g}"
+    return (f"cca_{settings['loss']}_b{settings['beta']:g}_l{settings['lam']:g}"
+            f"_e{settings['cca_epochs']:g}{extra}")
+
+
+def load_gpt(ckpt, device):
+    model = GPT(GPTConfig(**ckpt["gpt_config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
 
 
 # Figures and files (rank 0 writes them)
@@ -2169,7 +2114,7 @@ def bench(args):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise UserError("bench measures one process: run it with python, not torchrun")
     device = pick_device(args.device)
-    P = settings(args, chosen_preset(args, device), device)
+    settings = checked_settings(args, chosen_preset(args, device), device)
     if device.type == "cpu":
         with contextlib.suppress(OSError, AttributeError):
             # glibc: large blocks by mmap, so freed tensors leave resident memory and the peak
@@ -2180,17 +2125,18 @@ def bench(args):
     data = load_dataset(args.dataset, args.data_root)
     (H, W, _), K = data["x_train"].shape[1:], len(data["classes"])
     N = (H // 4) * (W // 4)
-    config = GPTConfig(P["codebook_size"], K, N, P["n_layer"], P["n_head"], P["n_embd"])
-    model = GPT(config).to(device).eval()
-    w = P["cfg"] if P["cfg"] != 1.0 else 1.5
+    gpt_config = GPTConfig(settings["codebook_size"], K, N, settings["n_layer"],
+                           settings["n_head"], settings["n_embd"])
+    model = GPT(gpt_config).to(device).eval()
+    w = settings["cfg"] if settings["cfg"] != 1.0 else 1.5
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPUs"
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"bench: {millions:.2f}M-parameter GPT, N={N} tokens, device {device} ({where}), "
           f"torch {torch.__version__}, CFG w={w:g}")
-    r = bench_sampling(model, w, P, device)
-    r.update(bench_training(model, P, device, r["batch_for_memory"], w))
-    report_bench(r, P, device, len(data["x_train"]))
-    return r
+    results = bench_sampling(model, w, settings, device)
+    results.update(bench_training(model, settings, device, results["batch_for_memory"], w))
+    report_bench(results, settings, device, len(data["x_train"]))
+    return results
 
 
 def sampler(model, B, scale, device, cache=True):
@@ -2203,15 +2149,15 @@ def sampler(model, B, scale, device, cache=True):
     return sample
 
 
-def bench_sampling(model, w, P, device):
+def bench_sampling(model, w, settings, device):
     """Images per second guidance-free and with CFG at three batch sizes; KV cache vs recompute."""
-    if P["n_embd"] < 64:
+    if settings["n_embd"] < 64:
         batches = [4, 16, 64]
     else:
         batches = [16, 64, 256] if device.type == "cpu" else [64, 256, 1024]
     gf, cfg, gf2 = {}, {}, {}
     for B in batches:
-        with autocast(device, P["precision"]):
+        with autocast(device, settings["precision"]):
             cfg[B] = B / timed(sampler(model, B, w, device), device)
             gf[B] = B / timed(sampler(model, B, 1.0, device), device)
             gf2[B] = 2 * B / timed(sampler(model, 2 * B, 1.0, device), device)
@@ -2220,7 +2166,7 @@ def bench_sampling(model, w, P, device):
               f"{gf2[B] / cfg[B]:.2f}x")
     last = batches[-1]
     B = batches[1]
-    with autocast(device, P["precision"]):
+    with autocast(device, settings["precision"]):
         recompute = timed(sampler(model, B, 1.0, device, cache=False), device, 1)
         cached = timed(sampler(model, B, 1.0, device), device, 1)
     return {"equal_rows": gf2[last] / cfg[last],
@@ -2229,17 +2175,17 @@ def bench_sampling(model, w, P, device):
             "batches": batches, "batch_for_memory": B}
 
 
-def bench_training(model, P, device, B, w):
+def bench_training(model, settings, device, B, w):
     """Seconds per pretraining and per CCA step at the preset's batch; peak memory of each phase."""
     V, N, K = model.config.vocab_size, model.config.block_size, model.config.num_classes
-    tokens = torch.randint(0, V, (P["batch_size"], N), device=device)
-    labels = torch.arange(P["batch_size"], device=device) % K
+    tokens = torch.randint(0, V, (settings["batch_size"], N), device=device)
+    labels = torch.arange(settings["batch_size"], device=device) % K
     policy = copy.deepcopy(model).train()
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     opt = adamw(policy, 1e-5, 0.0)
 
     def train_step(cca):
-        with autocast(device, P["precision"]):
+        with autocast(device, settings["precision"]):
             if cca:
                 loss = cca_step_loss(policy, reference, tokens, labels)[0]
             else:
@@ -2254,54 +2200,108 @@ def bench_training(model, P, device, B, w):
               ("CFG sampling", sampler(model, B, w, device)),
               ("guidance-free sampling", sampler(model, B, 1.0, device))]
     memory = {name: peak_memory(fn, device) for name, fn in phases}
-    return {"t_pre": t_pre, "t_cca": t_cca, "tokens_per_step": P["batch_size"] * N,
+    return {"t_pre": t_pre, "t_cca": t_cca, "tokens_per_step": settings["batch_size"] * N,
             "memory": memory}
 
 
-def report_bench(r, P, device, n_train):
+def report_bench(results, settings, device, n_train):
     """The ratios, each beside its target, and the peak memory of each phase."""
-    last, B = r["batches"][-1], r["batch_for_memory"]
-    t_pre, t_cca = r["t_pre"], r["t_cca"]
-    print(f"  training at batch {P['batch_size']}: pretraining {r['tokens_per_step'] / t_pre:,.0f} "
-          f"tokens/s, CCA {r['tokens_per_step'] / t_cca:,.0f} tokens/s (the theory says about "
+    last, B = results["batches"][-1], results["batch_for_memory"]
+    t_pre, t_cca = results["t_pre"], results["t_cca"]
+    tokens = results["tokens_per_step"]
+    print(f"  training at batch {settings['batch_size']}: pretraining {tokens / t_pre:,.0f} "
+          f"tokens/s, CCA {tokens / t_cca:,.0f} tokens/s (the theory says about "
           f"2.7x slower)")
-    epoch_share = 100 * math.ceil(n_train / P["batch_size"]) * t_cca / (P["steps"] * t_pre)
+    cca_steps = math.ceil(n_train / settings["batch_size"])
+    epoch_share = 100 * cca_steps * t_cca / (settings["steps"] * t_pre)
     print("ratios:")
     print(f"  guidance-free / CFG sampling, equal rows ({2 * last}):       "
-          f"{r['equal_rows']:.2f}x  (target >= 1.85x, limit 2x)")
-    print(f"  guidance-free / CFG sampling, each at its best batch:  {r['best_batch']:.2f}x")
-    print(f"  guidance-free / CFG sampling, same batch {last}:          {r['same_batch']:.2f}x")
-    print(f"  KV cache / full recompute, batch {B}:                 {r['kv_cache']:.2f}x  "
+          f"{results['equal_rows']:.2f}x  (target >= 1.85x, limit 2x)")
+    print(f"  guidance-free / CFG sampling, each at its best batch:  {results['best_batch']:.2f}x")
+    print(f"  guidance-free / CFG sampling, same batch {last}:          "
+          f"{results['same_batch']:.2f}x")
+    print(f"  KV cache / full recompute, batch {B}:                 {results['kv_cache']:.2f}x  "
           f"(target >= 3x)")
     print(f"  CCA step / pretraining step time:                     {t_cca / t_pre:.2f}x  "
           f"(theory ~2.7x)")
-    print(f"  one CCA epoch ({n_train} images) / pretraining ({P['steps']} steps): "
+    print(f"  one CCA epoch ({n_train} images) / pretraining ({settings['steps']} steps): "
           f"{epoch_share:.1f}%")
     print("peak memory:")
-    for name, size in r["memory"].items():
+    for name, size in results["memory"].items():
         print(f"  {name}: {size / 2**20:.1f} MiB" if size is not None else f"  {name}: n/a here")
     if device.type == "cpu":
         print("  (CPU: growth of peak resident memory)")
 
 
-def warn_estimate(P, grid, K, device):
+def warn_estimate(settings, grid, K, device):
     """Time two pretraining steps of this size on this device and extrapolate, before committing
     to hours."""
     N = grid[0] * grid[1]
-    model = GPT(GPTConfig(P["codebook_size"], K, N, P["n_layer"], P["n_head"], P["n_embd"]))
-    opt = adamw(model, 1e-4, 0.0)
-    x = torch.randint(0, P["codebook_size"], (P["batch_size"], N))
+    model = GPT(GPTConfig(settings["codebook_size"], K, N, settings["n_layer"],
+                          settings["n_head"], settings["n_embd"]))
+    opt = adamw(model, settings["lr"], 0.0)
+    x = torch.randint(0, settings["codebook_size"], (settings["batch_size"], N))
     t0 = time.perf_counter()
     for _ in range(2):
         F.cross_entropy(model(x, x[:, 0] % K).flatten(0, 1), x.flatten()).backward()
         opt.step()
     sec = (time.perf_counter() - t0) / 2
     print(f"warning: a GPU-sized run on {device}: pretraining alone would take about "
-          f"{sec * P['steps'] / 3600:.1f} h here ({sec:.2f} s/step x {P['steps']} steps). "
+          f"{sec * settings['steps'] / 3600:.1f} h here ({sec:.2f} s/step x {settings['steps']} "
+          f"steps). "
           f"--preset cpu and cpu_rgb are sized for a CPU.", file=sys.stderr)
 
 
 # The command line
+
+# The flags that set the setting of the same name (--vq-steps: vq_steps), by group: (flag, type,
+# what it sets); a list type is a choice of names or ([float]) a list of numbers. Left unset they
+# keep the preset's value; --help states the defaults from COMMON and PRESETS.
+SETTING_FLAGS = {
+    "tokenizer": [
+        ("vq-steps", int, "tokenizer optimizer steps"), ("vq-hidden", int, "tokenizer conv width"),
+        ("vq-batch", int, "tokenizer batch size"),
+        ("codebook-size", int, "codes in the codebook = the GPT's vocabulary"),
+        ("vq-l2-norm", bool, "look codes up by cosine (on) or by plain distance (off)")],
+    "pretraining": [
+        ("n-layer", int, "transformer blocks"), ("n-head", int, "attention heads"),
+        ("n-embd", int, "width"), ("dropout", float, "dropout in the GPT"),
+        ("steps", int, "pretraining optimizer steps"),
+        ("batch-size", int, "GPT and CCA batch size (under torchrun: the global batch)"),
+        ("lr", float, "pretraining peak learning rate (cosine schedule)"),
+        ("cond-dropout", float, "probability of the null class in pretraining")],
+    "sampling": [
+        ("cfg", float, "CFG scale w (LlamaGen's convention: 1 = no guidance)"),
+        ("temperature", float, "sampling temperature (0 = greedy)"),
+        ("top-k", int, "sample among the k most likely tokens"),
+        ("top-p", float, "nucleus sampling: the smallest set with this mass"),
+        ("samples-per-class", int, "columns of the sample grids")],
+    "CCA fine-tuning": [
+        ("loss", list(LOSSES), "cca, or the paper's baselines"),
+        ("beta", float, "β, which scales the log-likelihood ratio (see README)"),
+        ("lam", float, "λ, the weight of the negatives: the diversity-fidelity knob"),
+        ("cca-epochs", float, "passes over the training tokens"),
+        ("cca-lr", float, "constant fine-tuning learning rate"),
+        ("uncond-ratio", float, "share of rows with the null class on both branches"),
+        ("collisions", ["positive", "mask", "resample"],
+         "what to do when the rolled negative class equals the true class")],
+    "evaluation": [
+        ("eval-samples", int, "samples per table row, balanced over classes"),
+        ("eval-seeds", int, "sets of samples per table row (sampling seeds): mean ± std"),
+        ("judge-epochs", float, "epochs of a judge trained here (--judge train; None: "
+         f"{JUDGE_RECIPE['epochs'][1]:g} for one channel, {JUDGE_RECIPE['epochs'][3]:g} for RGB)"),
+        ("sweep-cfg", [float], "CFG scales of the sweep"),
+        ("sweep-lam", [float], "λ values of the sweep, one fine-tune each")],
+}
+
+
+def defaults_of(key):
+    """A setting's defaults as --help states them: COMMON's value, then each preset's own."""
+    own = "; ".join(f"{name} {values[key]}" for name, values in PRESETS.items() if key in values)
+    if key not in COMMON:
+        return f"preset: {own}"
+    return f"default {COMMON[key]}" + (f"; {own}" if own else "")
+
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # "(default: None)" would hide that the preset decides
@@ -2317,18 +2317,15 @@ def parse_args(argv=None):
         epilog="Several GPUs: torchrun --standalone --nproc_per_node=N minicca.py [flags] trains "
                "every stage with DDP (NCCL; Gloo on CPU); --batch-size is then the global batch.")
     p.add_argument("command", nargs="?", default="run",
-                   choices=["run", "tokenizer", "bench", "judge"],
+                   choices=["run", "tokenizer", "bench"],
                    help="run: the pipeline; tokenizer: its first stage alone (a later run in "
-                   "the same --out reuses it); bench: sampling and training speed ratios; "
-                   "judge: train the reference judge of --dataset (writes --out, default "
-                   "tiny_data/judge_<dataset>.pt)")
+                   "the same --out reuses it); bench: sampling and training speed ratios")
     g = p.add_argument_group("run")
     g.add_argument("--dataset", default=None, help="mnist | cifar10 | path/to/data.npz "
                    "(default: the MNIST subset in tiny_data/, offline)")
     g.add_argument("--data-root", default="data",
                    help="where torchvision's MNIST/CIFAR10 files are or go")
-    g.add_argument("--out", default=None, help="output folder (default runs/<dataset>); for "
-                   "the judge command, the judge file")
+    g.add_argument("--out", default=None, help="output folder (default runs/<dataset>)")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="micro (tests), cpu (a laptop), cpu_rgb (a laptop, RGB images such as "
                    "CIFAR-10), gpu (one GPU); default: gpu on a GPU; on a CPU cpu_rgb for RGB "
@@ -2347,77 +2344,33 @@ def parse_args(argv=None):
     g.add_argument("--pretrained", action="store_true",
                    help="start from the reference checkpoints in tiny_data/pretrained (default "
                    "dataset only): straight to sampling and evaluation")
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--vq-steps", type=int, help="tokenizer optimizer steps (preset)")
-    g.add_argument("--vq-hidden", type=int, help="tokenizer conv width (preset)")
-    g.add_argument("--vq-batch", type=int, help="tokenizer batch size (preset)")
-    g.add_argument("--codebook-size", type=int,
-                   help="codes in the codebook = the GPT's vocabulary (preset)")
-    g.add_argument("--vq-l2-norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="look codes up by cosine (on) or by plain distance (off) (preset)")
-    g = p.add_argument_group("pretraining")
-    g.add_argument("--n-layer", type=int, help="transformer blocks (preset)")
-    g.add_argument("--n-head", type=int, help="attention heads (preset)")
-    g.add_argument("--n-embd", type=int, help="width (preset)")
-    g.add_argument("--dropout", type=float, help="dropout in the GPT (preset)")
-    g.add_argument("--steps", type=int, help="pretraining optimizer steps (preset)")
-    g.add_argument("--batch-size", type=int, help="GPT and CCA batch size (preset)")
-    g.add_argument("--lr", type=float,
-                   help="pretraining peak learning rate (cosine schedule) (preset)")
-    g.add_argument("--cond-dropout", type=float,
-                   help="probability of the null class in pretraining (0.1)")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--cfg", type=float, help=f"CFG scale w (LlamaGen convention: 1 = no "
-                   f"guidance); default {COMMON['cfg']}, the best FID of the sweep on the default "
-                   f"data (see README)")
-    g.add_argument("--temperature", type=float, help="sampling temperature (1; 0 = greedy)")
-    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (off)")
-    g.add_argument("--top-p", type=float,
-                   help="nucleus sampling: the smallest set with this mass (off)")
-    g.add_argument("--samples-per-class", type=int, help="columns of the sample grids (10)")
-    g = p.add_argument_group("CCA fine-tuning")
-    g.add_argument("--cca", action=argparse.BooleanOptionalAction, default=True,
-                   help="fine-tune the pretrained model with CCA (or --loss) after pretraining")
-    g.add_argument("--loss", choices=list(LOSSES),
-                   help=f"default {COMMON['loss']}; dpo and unlearning are the paper's baselines")
-    g.add_argument("--beta", type=float,
-                   help=f"default {COMMON['beta']} (β·N ≈ 5 for 49 tokens; see README)")
-    g.add_argument("--lam", type=float,
-                   help=f"default {COMMON['lam']}; cpu_rgb 30 (the diversity-fidelity knob)")
-    g.add_argument("--cca-epochs", type=float,
-                   help="passes over the training tokens (preset: 1; cpu_rgb 0.5)")
-    g.add_argument("--cca-lr", type=float,
-                   help="constant fine-tuning learning rate (preset: 0.1x --lr)")
-    g.add_argument("--uncond-ratio", type=float,
-                   help="fraction of rows with the null class on both branches")
-    g.add_argument("--collisions", choices=["positive", "mask", "resample"],
-                   help=f"what to do when the rolled negative class equals the true class; "
-                   f"default {COMMON['collisions']}")
-    g = p.add_argument_group("evaluation")
+    groups = {name: p.add_argument_group(name) for name in SETTING_FLAGS}
+    for name, flags in SETTING_FLAGS.items():
+        for flag, kind, text in flags:
+            key = flag.replace("-", "_")
+            help = f"{text} ({defaults_of(key)})"
+            if kind is bool:
+                groups[name].add_argument(f"--{flag}", action=argparse.BooleanOptionalAction,
+                                          default=None, help=help)
+            elif isinstance(kind, list):  # a list of values, or a choice of names
+                typed = dict(type=kind[0], nargs="+") if callable(kind[0]) else dict(choices=kind)
+                groups[name].add_argument(f"--{flag}", help=help, **typed)
+            else:
+                groups[name].add_argument(f"--{flag}", type=kind, help=help)
+    groups["CCA fine-tuning"].add_argument(
+        "--cca", action=argparse.BooleanOptionalAction, default=True,
+        help="fine-tune the pretrained model with CCA (or --loss) after pretraining")
+    g = groups["evaluation"]
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="train the judge classifier and print the table (metrics.json)")
-    g.add_argument("--eval-samples", type=int,
-                   help="samples per table row, balanced over classes (preset)")
-    g.add_argument("--clf-epochs", type=float,
-                   help="epochs of a judge trained here (--judge train) (preset)")
+                   help="score the models with the judge and print the table (metrics.json)")
     g.add_argument("--judge", default=None, metavar="shipped|train|PATH.pt",
                    help="the classifier that scores: shipped (the reference judge in tiny_data/, "
                    "one feature space for every run on mnist, cifar10 and the tiny subset), "
                    "train (one trained on this run's data), or a judge file (default: shipped "
                    "where there is one, else train)")
-    g.add_argument("--eval-seeds", type=int, help="sets of samples per table row (different "
-                   "sampling seeds, same models): the table shows mean ± std (3)")
     g.add_argument("--sweep", action="store_true",
                    help="CFG-scale sweep and λ sweep (sweep.json, sweep.png)")
-    g.add_argument("--sweep-cfg", type=float, nargs="+",
-                   help="CFG scales of the sweep (default: the preset's)")
-    g.add_argument("--sweep-lam", type=float, nargs="+",
-                   help="λ values of the sweep, one fine-tune each")
-    g = p.add_argument_group("judge command")
-    g.add_argument("--judge-epochs", type=float, help=f"epochs of the reference judge (default: "
-                   f"{JUDGE_EPOCHS[1]:g} for one-channel images, {JUDGE_EPOCHS[3]:g} for RGB)")
     args = p.parse_args(argv)
-    args.command_line = " ".join(["python minicca.py", *(sys.argv[1:] if argv is None else argv)])
     args.redo = sorted({s for r in args.retrain for s in REDO[r]})
     return args
 
@@ -2427,10 +2380,8 @@ def main(argv=None):
     try:
         if args.command == "bench":
             bench(args)
-        elif args.command == "judge":
-            make_judge(args)
         elif args.command == "tokenizer":
-            stage_tokenizer(setup(args))
+            stage_tokenizer(setup(args))  # the first stage alone
         else:
             run(args)
     except UserError as e:

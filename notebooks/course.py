@@ -125,29 +125,13 @@ def load_sweep(models, quick_flags):
 
 
 def finetune(models, tokens, labels, loss="cca", lam=10.0, epochs=0.3, seed=1):
-    """The pipeline's fine-tuning recipe in a few lines (no caching or reports): a trainable copy
-    against a frozen one, no dropout, minicca.adamw, a constant rate, clipping at 1, a shuffle per
-    epoch. Returns (model, history: the loss and cca_loss's statistics per step)."""
-    P = models.P
-    policy = copy.deepcopy(models.base).eval()
-    reference = copy.deepcopy(models.base).eval().requires_grad_(False)
-    optimizer = minicca.adamw(policy, P["cca_lr"], 0.05)
-    batch = P["batch_size"]
-    generator = torch.Generator().manual_seed(seed)
-    order, history = torch.empty(0, dtype=torch.long), []
-    for _ in range(max(math.ceil(epochs * len(tokens) / batch), 1)):
-        if len(order) < batch:  # a new epoch: a new permutation
-            order = torch.randperm(len(tokens), generator=generator)
-        rows, order = order[:batch], order[batch:]
-        value, stats = minicca.cca_step_loss(
-            policy, reference, tokens[rows].long(), labels[rows], loss, P["beta"], lam,
-            P["uncond_ratio"], P["collisions"], generator)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        history.append({"loss": value.item(), **{k: float(v) for k, v in stats.items()}})
-    return policy.eval(), history
+    """minicca.finetune_cca from the base model with its settings, but another loss, λ or length.
+    Returns (model, history: the loss and cca_loss's statistics per step)."""
+    settings = {**models.P, "loss": loss, "lam": lam, "cca_epochs": epochs}
+    made = minicca.finetune_cca(models.base, tokens, labels, settings, seed, DEVICE)
+    model = copy.deepcopy(models.base)
+    model.load_state_dict(made["model"])
+    return model.eval(), made["history"]
 
 
 # ---------------------------------------------------------------------------------------------

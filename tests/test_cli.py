@@ -298,7 +298,7 @@ def test_eval_seeds_write_a_std_for_every_metric_and_one_seed_gives_the_single_s
     tokenizer = minicca.VQTokenizer(minicca.VQConfig(**tk["vq_config"]))
     tokenizer.load_state_dict(tk["model"])
     tokenizer.eval()
-    clf = minicca.Classifier(3, 10, MICRO["clf_width"])
+    clf = minicca.JudgeNet(3, 10, MICRO["judge_width"])
     clf.load_state_dict(load("classifier.pt")["model"])
     judge = minicca.Judge(clf, data, tokenizer, (4, 4), m["settings"], torch.device("cpu"), seed=0)
     for name, model in [("base", load("gpt.pt")), ("cca", load(f"{CCA}.pt"))]:

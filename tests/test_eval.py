@@ -8,7 +8,6 @@ One classifier (width 16, 1.25 epochs: ~100 steps) is trained once for the whole
 """
 import math
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +16,10 @@ import torch
 import minicca
 
 CPU = torch.device("cpu")
-CLF = dict(clf_width=16, clf_epochs=1.25)  # 1.0 epoch lands at 89-90% test accuracy: too close to the bar
+# the one judge network and recipe, briefly; width 32: 128-d features. No label smoothing here, so that the
+# loss can fall to a third (smoothing 0.2 floors it at 0.87 nats)
+CLF = dict(judge_width=32, judge_epochs=2.0)
+RECIPE = {**minicca.JUDGE_RECIPE, "label_smoothing": 0.0}
 
 
 
@@ -28,14 +30,12 @@ def data():
 
 @pytest.fixture(scope="module")
 def trained(one_thread, data, tmp_path_factory):
-    """The briefly trained judge: (checkpoint, Classifier in eval mode, seconds it took to train)."""
-    args = SimpleNamespace(seed=0, resume=False, save_every=0)
-    partial = str(tmp_path_factory.mktemp("clf") / "classifier.pt.partial")
+    """The briefly trained judge: (checkpoint, JudgeNet in eval mode, seconds it took to train)."""
     torch.manual_seed(0)   # the initial weights, as run_stage does before each build
     t0 = time.perf_counter()
-    ck = minicca.train_classifier(data, CLF, args, CPU, partial, {"test": True})
+    ck = minicca.train_judge(data, CLF["judge_epochs"], CLF["judge_width"], 0, CPU, recipe=RECIPE)
     seconds = time.perf_counter() - t0
-    clf = minicca.Classifier(1, len(data["classes"]), CLF["clf_width"])
+    clf = minicca.JudgeNet(1, len(data["classes"]), CLF["judge_width"])
     clf.load_state_dict(ck["model"])
     return ck, clf.eval(), seconds
 
@@ -283,11 +283,12 @@ def test_balanced_labels_are_balanced_in_every_prefix(n, k):
 
 def test_classifier_trains_briefly_to_a_sane_accuracy(trained, data):
     ck, clf, seconds = trained
-    print(f"\nclassifier width {CLF['clf_width']}, {CLF['clf_epochs']} epochs: {seconds:.1f} s, "
+    print(f"\nclassifier width {CLF['judge_width']}, {CLF['judge_epochs']} epochs: {seconds:.1f} s, "
           f"test accuracy {ck['test_accuracy']:.2%}")
     assert ck["test_accuracy"] > 0.90
     # no time limit asserted: wall time on a shared machine is not a test (see bench for speed)
-    steps = math.ceil(CLF["clf_epochs"] * len(data["x_train"]) / 128)
+    batch = RECIPE["batch"]
+    steps = round(CLF["judge_epochs"] * (len(data["x_train"]) // batch))
     assert len(ck["history"]) == steps
     first = np.mean([h["loss"] for h in ck["history"][:5]])
     last = np.mean([h["loss"] for h in ck["history"][-5:]])
@@ -298,7 +299,7 @@ def test_classify_shapes_and_both_input_kinds(clf, data, real_out):
     feats, probs = real_out
     assert feats.shape == (2000, 128) and probs.shape == (2000, 10)
     assert feats.dtype == torch.float32 and probs.dtype == torch.float32
-    assert (feats >= 0).all()                                   # ReLU features
+    assert (feats >= -0.1701).all()             # max-pooled GELU features: GELU's minimum is -0.16997
     assert torch.allclose(probs.sum(1), torch.ones(2000), atol=1e-5)
     f2, p2 = minicca.classify(clf, minicca.to_float(data["x_test"][:300]), CPU, batch=128)  # other batching too
     assert torch.allclose(f2, feats[:300], atol=1e-5) and torch.allclose(p2, probs[:300], atol=1e-6)
@@ -372,7 +373,9 @@ def test_recall_falls_when_only_some_classes_are_generated(data, real_out, clf):
     assert few["recall"] < 0.5 and few["recall"] < full["recall"] - 0.3    # 30% of the real set is 0-2
     assert few["precision"] > 0.6                                   # what it does make is still realistic
     assert few["accuracy"] > 0.85                                   # and still the right class
-    assert few["is"] < 3 and few["is"] < full["is"] - 1             # IS sees 3 classes, not 10
+    # IS sees 3 classes, not 10: about 3 (exactly 3 for one-hot predictions that depend on the class alone; a
+    # confident judge's small within-class variation adds a little: 3.13 measured for this JudgeNet)
+    assert few["is"] < 3.25 and few["is"] < full["is"] - 1
 
 
 # ----------------------------------------------------------------------------------------------------------

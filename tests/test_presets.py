@@ -53,7 +53,7 @@ def test_the_channels_of_an_npz_are_read_from_its_header(tmp_path):
 def test_a_run_on_the_cpu_gets_the_preset_of_its_data(tmp_path, capsys, hw, channels, preset):
     data = make_npz(tmp_path / "d.npz", hw, channels)
     r = minicca.setup(minicca.parse_args(["--dataset", data, "--device", "cpu", "--out", str(tmp_path / "o")]))
-    assert r.P == {**minicca.COMMON, **minicca.PRESETS[preset], "precision": "fp32"}
+    assert r.settings == {**minicca.COMMON, **minicca.PRESETS[preset], "precision": "fp32"}
     assert f"preset {preset};" in capsys.readouterr().out
 
 
@@ -106,10 +106,10 @@ def test_every_flag_overrides_the_preset_the_data_chose(tmp_path, preset):
     args = minicca.parse_args(["--dataset", data, "--device", "cpu", "--out", str(tmp_path / "o"), *flags])
     r = minicca.setup(args)
     for key, value in expected.items():
-        assert r.P[key] == pytest.approx(value), key
+        assert r.settings[key] == pytest.approx(value), key
     micro = minicca.setup(minicca.parse_args(["--dataset", data, "--device", "cpu", "--preset", "micro",
                                               "--out", str(tmp_path / "m")]))
-    assert micro.P["n_embd"] == minicca.PRESETS["micro"]["n_embd"]  # --preset itself overrides the choice
+    assert micro.settings["n_embd"] == minicca.PRESETS["micro"]["n_embd"]  # --preset itself overrides the choice
 
 
 def argparse_actions():

@@ -269,11 +269,8 @@ def train_100_steps(x_uint8, tmp_path, warmup=0.0, l2_norm=True):
     P = {**minicca.COMMON, **minicca.PRESETS["micro"], "vq_hidden": 16, "codebook_size": 64,
          "code_dim": 8, "vq_steps": 100, "vq_batch": 64, "vq_lr": 2e-3, "vq_ae_warmup": warmup,
          "vq_l2_norm": l2_norm}
-    args = minicca.parse_args(["--device", "cpu"])
-    args.redo = []
     torch.manual_seed(0)
-    ckpt = minicca.train_tokenizer({"x_train": x_uint8}, P, args, torch.device("cpu"),
-                                   str(tmp_path / "tokenizer.partial"), {})
+    ckpt = minicca.train_tokenizer({"x_train": x_uint8}, P, 0, torch.device("cpu"))
     tok = minicca.VQTokenizer(minicca.VQConfig(**ckpt["vq_config"]))
     tok.load_state_dict(ckpt["model"])
     return ckpt, tok.eval()

@@ -1,0 +1,63 @@
+"""The maintainer's scripts in tools/ run on the micro preset: exporting a run's checkpoints as the
+reference ones (float16 weights, loadable, and --pretrained starts from them), and making a judge
+from the command line (the other script, tools/make_judge.py, is also exercised in test_judges)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import minicca
+
+ROOT = os.path.dirname(os.path.abspath(minicca.__file__))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def tool(*argv):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", argv[0]), *argv[1:]],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_export_pretrained_on_a_micro_run(tmp_path):
+    run = tmp_path / "run"
+    minicca.main(["--preset", "micro", "--out", str(run), "--no-eval"])
+    dest = tmp_path / "pretrained"
+    out = tool("export_pretrained.py", str(run), "--dest", str(dest), "--preset", "micro")
+    cca = minicca.cca_name({**minicca.COMMON, **minicca.PRESETS["micro"]}) + ".pt"
+    assert sorted(os.listdir(dest)) == sorted(["tokenizer.pt", "gpt.pt", cca])
+    assert "MiB" in out
+    for f in os.listdir(dest):
+        full = torch.load(run / f, weights_only=True)
+        half = torch.load(dest / f, weights_only=True)
+        assert half["config"] == full["config"] and half["id"] == full["id"]
+        for k, v in half["model"].items():
+            assert v.dtype == (torch.float16 if full["model"][k].is_floating_point()
+                               else full["model"][k].dtype), k
+            assert torch.equal(v, full["model"][k].to(v.dtype)), k
+    # a run in the exported folder finds every stage up to date
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "minicca.py"), "--preset", "micro",
+                            "--out", str(dest), "--no-eval"], capture_output=True, text=True,
+                           env=ENV, cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    for stage in ["tokenizer", "pretrain", "cca"]:
+        assert f"[{stage}] up to date" in again.stdout, again.stdout
+
+
+def test_make_judge_from_the_command_line(tmp_path):
+    rng = np.random.default_rng(1)
+    npz = tmp_path / "gray.npz"
+    images = rng.integers(0, 256, (90, 12, 12), dtype=np.uint8)
+    np.savez(npz, x_train=images[:60], y_train=np.arange(60) % 2, x_test=images[60:],
+             y_test=np.arange(30) % 2)
+    out = tmp_path / "judges" / "j.pt"
+    printed = tool("make_judge.py", "--dataset", str(npz), "--judge-epochs", "0.5", "--out",
+                   str(out), "--device", "cpu")
+    judge = minicca.load_judge(str(out))
+    assert judge.info["image_shape"] == [12, 12, 1] and judge.info["classes"] == ["0", "1"]
+    assert judge.info["test_accuracy_flip"] is None and not judge.flip_average  # digits: no flips
+    assert judge.info["command"].startswith("python tools/make_judge.py --dataset ")
+    assert judge.info["epochs"] == 0.5
+    assert "[judge] test accuracy" in printed and str(out) in printed
