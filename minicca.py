@@ -9,8 +9,8 @@ does the whole job on MNIST / CIFAR-10 / your own .npz, top to bottom like the p
     5. the CCA loss and its baselines  6. training  7. evaluation  8. the pipeline
 
 Sections 1-7 take plain values (settings, seed, device); section 8 is where the command line meets
-them. Below the "Plumbing" banner is what a reader can skip: validation, checkpoints and resume,
-torchrun, the reference judges, figures, the benchmark, the command line. Cut on purpose:
+them. Below the "Plumbing" banner is what a reader can skip: the porting kit (docs/porting.md),
+validation, checkpoints, torchrun, judges, figures, the benchmark, the CLI. Cut on purpose:
 perceptual/GAN tokenizer losses, 2D/rotary positions, VAR, Inception FID (see README.md).
 """
 import argparse
