@@ -68,9 +68,21 @@ def test_tilt_on_the_shipped_checkpoints(tmp_path):
     run.mkdir()
     for name in os.listdir(minicca.PRETRAINED):
         (run / name).write_bytes((open(os.path.join(minicca.PRETRAINED, name), "rb")).read())
-    diagnose.main(["tilt", str(run), "--per-class", "4"])
+    diagnose.main(["tilt", str(run), "--per-class", "4", "--cfg", "2", "4"])
     rows = json.loads((run / "tilt.json").read_text())
-    assert len(rows) == 2  # one CCA checkpoint, test and train images
-    for row in rows.values():
-        assert row["n"] == 40
-        assert row["slope_bayes"] > 0  # CCA raised the likelihood of the more typical images more
+    assert len(rows) == 6  # CFG at two scales and one CCA checkpoint; test and train images
+    for split in ("test", "train"):
+        assert all(row["n"] == 40 for row in rows.values())
+        # CFG tilts by about (w - 1) r_null: more with a larger scale
+        mild, strong = rows[f"CFG w = 2 {split}"], rows[f"CFG w = 4 {split}"]
+        assert 0 < mild["slope_null"] < strong["slope_null"]
+        cca = rows[f"cca_cca_b0.1_l10_e1.pt {split}"]
+        assert cca["slope_bayes"] > 0  # CCA raised the likelihood of the more typical images more
+
+
+def test_the_guided_model_at_scale_one_is_the_base_model():
+    base = micro_gpt()
+    tokens = torch.randint(0, 11, (6, 6))
+    labels = torch.arange(6) % 3
+    unguided = diagnose.GuidedModel(base, 1.0)
+    assert torch.equal(diagnose.learned_log_ratio(unguided, base, tokens, labels), torch.zeros(6))

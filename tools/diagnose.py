@@ -11,7 +11,9 @@ with p_φ(x) either the null branch (what CFG divides by) or the mixture (1/K) �
 (the Bayes estimate, calibrated by construction). At CCA's optimum β·Δ = r − log λ + (a constant
 per class), so within a class Δ rises with r at slope 1/β; CFG at scale w = 1 + s tilts a
 sequence by about s·r_null (per-token normalisers aside). The slope fitted within classes is the
-tilt the fine-tune reached, in units of CFG's s, and R² says how much of Δ that tilt explains.
+tilt the fine-tune reached, and R² says how much of Δ that tilt explains. The same fit on the CFG
+sampler's own log-likelihood (the base model under CFG at each `--cfg` scale, teacher-forced)
+places CCA on CFG's scale.
 Training and held-out images side by side tell "not converged" (both slopes well below 1/β, equal)
 from "memorised" (train above held-out); a low R² says Δ is not a tilt by r.
 
@@ -88,6 +90,21 @@ def within_class_fit(delta, r, labels):
     return slope, (1.0 - residual / total) if total > 0 else 0.0
 
 
+class GuidedModel(torch.nn.Module):
+    """The base model under CFG at scale w, as a model: forward(tokens, labels) returns the logits
+    the CFG sampler draws from, l_u + w (l_c - l_u), so its teacher-forced log-likelihood is the
+    sampler's own (per-token normalisers included) and `tilt_rows` can place CFG beside CCA."""
+
+    def __init__(self, base, scale):
+        super().__init__()
+        self.base = base
+        self.scale = scale
+
+    def forward(self, tokens, labels):
+        null = torch.full_like(labels, self.base.config.num_classes)
+        return minicca.cfg_logits(self.base(tokens, labels), self.base(tokens, null), self.scale)
+
+
 def tilt_rows(policy, reference, tokens, labels, num_classes):
     """The diagnostic on one image set: {slope and r2 of Δ on r_null and on r_bayes, mean Δ}."""
     logp = class_logprobs(reference, tokens, num_classes)
@@ -136,14 +153,20 @@ def tilt(args):
         idx = balanced_subset(data[f"y_{split}"], args.per_class, args.seed)
         tokens = encode(tokenizer, data[f"x_{split}"][idx])
         labels = torch.from_numpy(data[f"y_{split}"][idx]).long()
-        for name, (model, settings) in tuned.items():
+        models = [(f"CFG w = {w:g}", GuidedModel(base, w), None) for w in args.cfg]
+        models += [(name, model, settings) for name, (model, settings) in tuned.items()]
+        for name, model, settings in models:
             row = tilt_rows(model, base, tokens, labels, K)
-            row.update(beta=settings["beta"], lam=settings["lam"], split=split)
+            row["split"] = split
+            target = ""
+            if settings is not None:
+                row.update(beta=settings["beta"], lam=settings["lam"])
+                target = f"  optimum 1/β = {1 / settings['beta']:.3g}"
             out[f"{name} {split}"] = row
             print(f"{name:32s} {split:5s} n {row['n']:5d}  mean Δ {row['mean_delta']:7.2f}  "
                   f"slope on r_null {row['slope_null']:5.2f} (R² {row['r2_null']:.2f})  "
-                  f"on r_bayes {row['slope_bayes']:5.2f} (R² {row['r2_bayes']:.2f})  "
-                  f"optimum 1/β = {1 / settings['beta']:.3g}")
+                  f"on r_bayes {row['slope_bayes']:5.2f} (R² {row['r2_bayes']:.2f}){target}",
+                  flush=True)
     with open(os.path.join(args.run_dir, "tilt.json"), "w") as f:
         json.dump(out, f, indent=1)
 
@@ -197,8 +220,8 @@ def main(argv=None):
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--per-class", type=int, default=None,
                         help="images per class (tilt: 100 real; compare: 500 samples)")
-    parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 4.0, 6.0, 8.0, 10.0],
-                        help="compare: the base model's CFG scales")
+    parser.add_argument("--cfg", type=float, nargs="+", default=None,
+                        help="the base model's CFG scales (tilt: 2 4 10; compare: 1 2 4 6 8 10)")
     parser.add_argument("--preset", default="cpu_rgb", help="compare: the run's sampling settings")
     parser.add_argument("--judge", default=None, help="compare: judge name or .pt (default: the "
                         "dataset's shipped judge)")
@@ -207,6 +230,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.per_class is None:
         args.per_class = 100 if args.study == "tilt" else 500
+    if args.cfg is None:
+        args.cfg = [2.0, 4.0, 10.0] if args.study == "tilt" else [1.0, 2.0, 4.0, 6.0, 8.0, 10.0]
     if args.study == "tilt":
         tilt(args)
     else:
