@@ -1048,7 +1048,7 @@ def step0_self_check(policy_logp, ref_logp, tokens, labels, num_classes, *, lam,
     randomness in `models` is switched off for the check and restored after it. Returns the
     largest |log pθ - log pφ| over the 2B rows (exactly 0 when the two passes are deterministic)
     and loss - log 2·(1 + mean w)/max(λ, 1), w = 1 on flagged rows and λ elsewhere (0 up to float
-    rounding, ~1e-7). A nonzero gap: something random is left, or the weights or callables differ."""
+    rounding, ~1e-7). A nonzero gap: randomness is left, or the weights or callables differ."""
     with no_randomness(*models), torch.no_grad():
         logp, ref, flags = paired_logps(policy_logp, ref_logp, tokens, labels, num_classes,
                                         uncond_ratio)
@@ -2342,8 +2342,8 @@ def parse_args(argv=None):
                    help="save a resumable checkpoint every N steps")
     g.add_argument("--pretrained", action="store_true",
                    help="start from the reference checkpoints in tiny_data/pretrained (default "
-                   "dataset only) into --out, keeping checkpoints already there; stages whose checkpoint "
-                   "fits are skipped")
+                   "dataset only), copied into --out without replacing checkpoints already there; "
+                   "stages whose checkpoint fits are skipped")
     groups = {name: p.add_argument_group(name) for name in SETTING_FLAGS}
     for name, flags in SETTING_FLAGS.items():
         for flag, kind, text in flags:

@@ -330,8 +330,7 @@ def check_remaining_noise(answer, verbose=True):
     is 0 (the names no_randomness reports)."""
     answer = set(answer)
     missed = {"drop_prob": "missed drop path (DropPath.drop_prob), a module but no nn.Dropout",
-              "attn_dropout_p": "missed the attention-dropout float (Attention.attn_dropout_p), "
-                                "handed to SDPA",
+              "attn_dropout_p": "missed the attention-dropout float (Attention.attn_dropout_p)",
               "dropout_prob": "missed label dropout in the embedder (LabelEmbedder.dropout_prob)"}
     mistakes = ["listed p: every nn.Dropout's p is already 0"] if "p" in answer else []
     mistakes += [mistake for name, mistake in missed.items() if name not in answer]
@@ -348,7 +347,8 @@ def check_official_accuracy_bound(answer, verbose=True):
     slips = [("1.0: a flagged row has equal gaps on both branches, so it never wins", [1.0] * 4),
              ("the flagged share: it is the unflagged rows that can win",
               [flagged / rows for rows, flagged in cases]),
-             ("1 - uncond_ratio: collisions are flagged too; use the flagged count given", [0.9] * 4)]
+             ("1 - uncond_ratio: collisions are flagged too; use the flagged count given",
+              [0.9] * 4)]
     right = np.array([(rows - flagged) / rows for rows, flagged in cases])
     return _function(lambda: got, (), right, slips, verbose)
 

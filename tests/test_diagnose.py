@@ -1,5 +1,5 @@
-"""tools/diagnose.py: the learned log-ratio against the implicit classifier, on a micro-sized GPT and
-on the shipped reference checkpoints."""
+"""tools/diagnose.py: the learned log-ratio against the implicit classifier, on a micro-sized GPT
+and on the shipped reference checkpoints."""
 import copy
 import json
 import math
