@@ -157,3 +157,23 @@ def test_committed_outputs_come_from_todays_minicca(path):
     assert printed.group(2) == minicca_sha256(), (
         f"{path.name}: its saved outputs were made with minicca.py sha256 {printed.group(2)}, "
         f"but minicca.py is now {minicca_sha256()}; {RERUN}")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_exercises_are_handed_out_unanswered(path):
+    """At least two graded exercises per notebook, each committed as handed out: the placeholder
+    (None, or a function that raises NotImplementedError) makes its checker print 'not answered
+    yet', never a pre-filled wrong answer nor the answer itself."""
+    nb = nbformat.read(str(path), as_version=4)
+    graded = [c for c in nb.cells if c.cell_type == "code" and "course.check_" in c.source]
+    assert len(graded) >= 2, f"{path.name}: {len(graded)} graded exercises"
+    for cell in graded:
+        printed = "".join(o.get("text", "") for o in cell.outputs
+                          if o.get("output_type") == "stream")
+        assert "MISTAKE: not answered yet" in printed, f"{path.name}: {cell.source[:80]!r}"
+
+
+def test_course_helpers_stay_small():
+    """notebooks/course.py is setup and checkers, not a second code base beside minicca.py."""
+    lines = (NOTEBOOKS_DIR / "course.py").read_text(encoding="utf-8").count("\n")
+    assert lines <= 400, f"notebooks/course.py has {lines} lines; keep it at most 400"

@@ -10,6 +10,11 @@ def lam_star(s, p_x_given_c, p_x):
     return Z ** (1 / s)
 
 
+# Exercise 7.1, the two-image world: p(x|0) = (3/4, 1/4), p(x) = (1/2, 1/2), s = 2. By hand:
+# Z_2 = (3/4)^3 (1/2)^-2 + (1/4)^3 (1/2)^-2 = 4 (27 + 1)/64 = 7/4, so λ*_2 = (7/4)^(1/2) ≈ 1.3229
+TWO_IMAGES = (np.array([[0.75], [0.25]]), np.array([0.5, 0.5]))
+
+
 def r_star_mask(p_x_given_c, p_x, p_c, lam):
     # a row (x, c; c⁻) is dropped with probability p(c) on its positive side (the rolled label
     # equals c) and, as a negative pair (x, c), whenever the true label of x is c: positives
@@ -18,14 +23,6 @@ def r_star_mask(p_x_given_c, p_x, p_c, lam):
     p_c_given_x = p_x_given_c * p_c / p_x[:, None]
     return (np.log(p_x_given_c / p_x[:, None]) - np.log(lam) + np.log(1 - p_c)
             - np.log(1 - p_c_given_x))
-
-
-def _z_not_lambda(s, p_x_given_c, p_x):
-    return (p_x_given_c ** (1 + s) * p_x[:, None] ** (-s)).sum(0)
-
-
-def _renyi(s, p_x_given_c, p_x):
-    return np.log(lam_star(s, p_x_given_c, p_x))
 
 
 def _positive_rule(p_x_given_c, p_x, p_c, lam):
@@ -42,12 +39,15 @@ def _not_written(*args):
     raise NotImplementedError
 
 
-SOLUTIONS = {"check_lam_star": lam_star, "check_r_star_mask": r_star_mask}
+SOLUTIONS = {"check_lam_star": float(lam_star(2.0, *TWO_IMAGES)[0]),
+             "check_r_star_mask": r_star_mask}
 
 WRONG = {
-    "check_lam_star": [("that is Z_s(c) itself", _z_not_lambda),
-                       ("that is log λ*", _renyi),
-                       ("not written yet", _not_written)],
+    "check_lam_star": [("that is Z_s(c) itself", 1.75),
+                       ("that is log λ*", float(np.log(lam_star(2.0, *TWO_IMAGES)[0]))),
+                       ("that is λ*_1", float(lam_star(1.0, *TWO_IMAGES)[0])),
+                       ("not answered yet", None)],
     "check_r_star_mask": [("the positive rule's shift", _positive_rule),
-                          ("no shift", _no_shift)],
+                          ("no shift", _no_shift),
+                          ("not answered yet", _not_written)],
 }
