@@ -524,19 +524,26 @@ def official_micro_batch_loss(policy, reference, tokens, labels, beta, lam):
     return loss / max(lam, 1.0)
 
 
-def test_the_documents_train_step_sums_micro_batches_rolled_within_each(kit_dir):
+def documents_train_step(kit_dir):
+    """The document's training step, run against the extracted kit, and the shipped base and
+    fine-tuned models it is tested on."""
     kit = load_kit(kit_dir)
     namespace = {"__name__": "doc", "cca_batch_loss": kit.cca_batch_loss}
     code = doc_block("# the training step").replace("from cca_kit import cca_batch_loss\n", "")
     exec(compile(code, "training step", "exec"), namespace)
     base = minicca.load_gpt(load_checkpoint("gpt.pt"), torch.device("cpu"))
     start = minicca.load_gpt(load_checkpoint("cca_cca_b0.1_l10_e1.pt"), torch.device("cpu"))
+    return namespace["train_step"], base, start
+
+
+def test_the_documents_train_step_sums_micro_batches_rolled_within_each(kit_dir):
+    train_step, base, start = documents_train_step(kit_dir)
     labels = torch.tensor([3, 3, 1, 7, 2, 2, 5, 0])           # 4 micro-batches of 2, two collide
     tokens, _ = random_batch(8, 10, seed=8)
     beta, lam = 0.1, 10.0
     policy = copy.deepcopy(start)
     opt = torch.optim.SGD(policy.parameters(), lr=1.0)        # the update is minus the gradient
-    namespace["train_step"](policy, minicca_logp(policy), minicca_logp(base), opt, tokens, labels,
+    train_step(policy, minicca_logp(policy), minicca_logp(base), opt, tokens, labels,
                             10, 2, beta=beta, lam=lam, uncond_ratio=0.0, clip=math.inf)
     oracle = copy.deepcopy(start)
     for rows in torch.arange(8).split(2):
@@ -555,12 +562,7 @@ def test_the_documents_train_step_under_ddp_gives_the_same_update(kit_dir, tmp_p
     """The no_sync path: a DDP-wrapped policy (gloo, one process) gets the plain one's update."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    kit = load_kit(kit_dir)
-    namespace = {"__name__": "doc", "cca_batch_loss": kit.cca_batch_loss}
-    code = doc_block("# the training step").replace("from cca_kit import cca_batch_loss\n", "")
-    exec(compile(code, "training step", "exec"), namespace)
-    base = minicca.load_gpt(load_checkpoint("gpt.pt"), torch.device("cpu"))
-    start = minicca.load_gpt(load_checkpoint("cca_cca_b0.1_l10_e1.pt"), torch.device("cpu"))
+    train_step, base, start = documents_train_step(kit_dir)
     tokens, labels = random_batch(8, 10, seed=9)
     updated = []
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
@@ -570,7 +572,7 @@ def test_the_documents_train_step_under_ddp_gives_the_same_update(kit_dir, tmp_p
             policy = copy.deepcopy(start)
             net = DistributedDataParallel(policy) if wrap else policy
             opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-            namespace["train_step"](net, minicca_logp(net), minicca_logp(base), opt, tokens, labels,
+            train_step(net, minicca_logp(net), minicca_logp(base), opt, tokens, labels,
                                     10, 4, beta=0.1, lam=10.0, uncond_ratio=0.0, clip=1.0)
             updated.append(policy.head.weight.detach().clone())
     finally:
