@@ -343,7 +343,7 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=No
 
 # -------------------------------------------------------------------------------------------------
 # 5. The CCA loss and its baselines: pure functions of per-sequence log-likelihoods. With the
-#    porting kit (after the Plumbing banner) this section is what another codebase copies: torch
+#    porting kit (first below the banner) this section is what another codebase copies: torch
 #    only, no other name from this file (docs/porting.md).
 
 def _check_pairs(policy_pos, policy_neg, ref_pos, ref_neg, neg_as_pos):
@@ -512,7 +512,7 @@ def cca_step_loss(policy, reference, tokens, labels, loss="cca", beta=0.1, lam=1
 
 # -------------------------------------------------------------------------------------------------
 # 6. Training: the optimiser and its schedule, batches, one loop, the stages. Their settings
-#    (every default: PRESETS, COMMON, JUDGE_RECIPE) are in Plumbing, "Settings".
+#    (every default: PRESETS, COMMON, JUDGE_RECIPE) sit below the banner, under "Settings".
 
 def adamw(model, lr, weight_decay):
     """AdamW with decay on matrices only (nanoGPT), betas (0.9, 0.95) as in LlamaGen and CCA."""
