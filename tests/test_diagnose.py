@@ -86,3 +86,30 @@ def test_the_guided_model_at_scale_one_is_the_base_model():
     labels = torch.arange(6) % 3
     unguided = diagnose.GuidedModel(base, 1.0)
     assert torch.equal(diagnose.learned_log_ratio(unguided, base, tokens, labels), torch.zeros(6))
+
+
+def test_compare_with_sets_and_the_frontier_figure(tmp_path):
+    """compare on the shipped checkpoints: two sets per row give a mean and a std; --cfg with no
+    scale scores the fine-tunes alone; frontier draws the JSON files into one figure."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in os.listdir(minicca.PRETRAINED):
+        (run / name).write_bytes((open(os.path.join(minicca.PRETRAINED, name), "rb")).read())
+    diagnose.main(["compare", str(run), "--per-class", "3", "--cfg", "1", "2", "--sets", "2",
+                   "--preset", "cpu"])
+    rows = json.loads((run / "compare.json").read_text())
+    assert list(rows) == ["base, no guidance", "base, CFG 2", "cca_cca_b0.1_l10_e1.pt, no guidance"]
+    for row in rows.values():
+        assert row["fid_std"] is not None and row["fid_std"] >= 0 and 0 <= row["recall"] <= 1
+        assert row["intra_fid"] > 0
+    diagnose.main(["compare", str(run), "--per-class", "3", "--cfg", "--json", "tuned.json",
+                   "--preset", "cpu"])
+    tuned = json.loads((run / "tuned.json").read_text())
+    assert list(tuned) == ["cca_cca_b0.1_l10_e1.pt, no guidance"]
+    assert tuned["cca_cca_b0.1_l10_e1.pt, no guidance"]["fid_std"] is None  # one set
+    figure = tmp_path / "frontier.png"
+    diagnose.main(["frontier", str(run / "compare.json"), str(run / "tuned.json"),
+                   "--figure", str(figure)])
+    assert figure.stat().st_size > 10_000
+    assert diagnose.tuned_label("cca_cca_b0.1_l30_e0.5.pt") == "λ30, 0.5 ep"
+    assert diagnose.tuned_label("cca_cca_b0.03_l30_e1.pt") == "λ30, 1 ep, β0.03"

@@ -1,7 +1,8 @@
-"""Where CCA stops, and how it compares beyond FID: two studies of a finished run folder.
+"""Where CCA stops, and how it compares beyond FID: two studies of a run folder, and a plot.
 
     python tools/diagnose.py tilt RUN_DIR --dataset cifar10 [--per-class 100]
     python tools/diagnose.py compare RUN_DIR --dataset cifar10 [--per-class 500] [--cfg 2 4 8 10]
+    python tools/diagnose.py frontier RUN_DIR/compare.json [--figure frontier.png]
 
 `tilt` asks what a CCA fine-tune learned. Its policy p_θ and the frozen reference p_φ (the base
 model) give, for an image x of class c, the learned log-ratio  Δ(x, c) = log p_θ(x|c) − log p_φ(x|c)
@@ -22,10 +23,14 @@ every CCA checkpoint without guidance, and reports FID, accuracy, precision and 
 judge's features (as the run's table does) and the intra-class FID: FID per class against that
 class's test images, averaged over the classes (the metric class-conditional models report because
 overall FID rewards a sampler that covers the classes but not the images within them). It names the
-CFG scale whose recall is closest to each CCA model's, beside the best-FID scale.
+CFG scale whose recall is closest to each CCA model's, beside the best-FID scale. With `--sets S`
+each row is the mean ± std over S sets of samples (sampling seeds seed .. seed + S - 1).
 
-Both print a table and write JSON beside the run (tilt.json, compare.json). Maintainer tools: they
-import minicca and need no other file.
+`frontier` plots FID against recall from compare's JSON: the CFG scales as one curve (the trade
+guidance makes), each fine-tune as a point; a fine-tune below and right of the curve beats guidance.
+
+Both studies print a table and write JSON beside the run (tilt.json, compare.json). Maintainer
+tools: they import minicca and need no other file.
 """
 import argparse
 import glob
@@ -124,14 +129,14 @@ def balanced_subset(y, per_class, seed):
     return np.concatenate(picked)
 
 
-def load_run(run_dir, dataset, data_root):
-    """The run's tokenizer, base GPT, every CCA checkpoint and the data."""
+def load_run(run_dir, dataset, data_root, checkpoints="cca_*.pt"):
+    """The run's tokenizer, base GPT, its CCA checkpoints (a glob in the folder) and the data."""
     tk = minicca.load_checkpoint(os.path.join(run_dir, "tokenizer.pt"))
     tokenizer = minicca.VQTokenizer(minicca.VQConfig(**tk["vq_config"])).eval()
     tokenizer.load_state_dict(tk["model"])
     base = minicca.load_gpt(minicca.load_checkpoint(os.path.join(run_dir, "gpt.pt")), "cpu")
     tuned = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, "cca_*.pt"))):
+    for path in sorted(glob.glob(os.path.join(run_dir, checkpoints))):
         ckpt = minicca.load_checkpoint(path)
         tuned[os.path.basename(path)] = (minicca.load_gpt(ckpt, "cpu"), ckpt["config"])
     data = minicca.load_dataset(dataset, data_root)
@@ -146,7 +151,8 @@ def encode(tokenizer, images, batch=500):
 
 
 def tilt(args):
-    tokenizer, base, tuned, data = load_run(args.run_dir, args.dataset, args.data_root)
+    tokenizer, base, tuned, data = load_run(args.run_dir, args.dataset, args.data_root,
+                                            args.checkpoints)
     K = len(data["classes"])
     out = {}
     for split in ("test", "train"):
@@ -179,9 +185,11 @@ def per_class_fid(features, labels, real_features, real_labels):
 
 
 def compare(args):
-    tokenizer, base, tuned, data = load_run(args.run_dir, args.dataset, args.data_root)
+    tokenizer, base, tuned, data = load_run(args.run_dir, args.dataset, args.data_root,
+                                            args.checkpoints)
     K = len(data["classes"])
-    judge = minicca.load_judge(args.judge or args.dataset)
+    name = minicca.dataset_name(args.dataset)  # the shipped judge: MNIST's for the tiny subset
+    judge = minicca.load_judge(args.judge or ("mnist" if name == "tiny" else name))
     real, _ = minicca.classify(judge, data["x_test"], "cpu")
     real_labels = torch.from_numpy(data["y_test"]).long()
     settings = {**minicca.COMMON, **minicca.PRESETS[args.preset]}
@@ -191,42 +199,114 @@ def compare(args):
     models += [(f"{name}, no guidance", model, 1.0) for name, (model, _) in tuned.items()]
     rows = {}
     for name, model, w in models:
-        images, _ = minicca.sample_images(model, tokenizer, labels, w, grid, settings,
-                                          torch.device("cpu"), args.seed)
-        scores = minicca.evaluate(images, labels, judge, real, "cpu")
-        features, _ = minicca.classify(judge, images, "cpu")
-        scores["intra_fid"] = per_class_fid(features, labels, real, real_labels)
-        rows[name] = {"cfg": w, **scores}
-        print(f"{name:44s} acc {scores['accuracy']:.3f}  fid {scores['fid']:6.2f}  "
-              f"intra-class fid {scores['intra_fid']:6.2f}  precision {scores['precision']:.3f}  "
-              f"recall {scores['recall']:.3f}", flush=True)
+        sets = []
+        for seed in range(args.seed, args.seed + args.sets):  # sampling seeds, as the table's
+            images, _ = minicca.sample_images(model, tokenizer, labels, w, grid, settings,
+                                              torch.device("cpu"), seed)
+            scores = minicca.evaluate(images, labels, judge, real, "cpu")
+            features, _ = minicca.classify(judge, images, "cpu")
+            scores["intra_fid"] = per_class_fid(features, labels, real, real_labels)
+            sets.append(scores)
+        rows[name] = {"cfg": w, **minicca.mean_and_std(sets)}
+        print(f"{name:44s} " + "  ".join(f"{m} {score_text(rows[name], m)}" for m in METRICS),
+              flush=True)
     cfg_rows = {n: r for n, r in rows.items() if n.startswith("base")}
-    best = min(cfg_rows, key=lambda n: cfg_rows[n]["fid"])
-    print(f"best-FID CFG row: {best}")
-    for name, row in rows.items():
-        if not name.startswith("base"):
-            matched = min(cfg_rows, key=lambda n: abs(cfg_rows[n]["recall"] - row["recall"]))
-            print(f"{name}: CFG row with the closest recall: {matched}")
-    with open(os.path.join(args.run_dir, "compare.json"), "w") as f:
+    if cfg_rows:
+        best = min(cfg_rows, key=lambda n: cfg_rows[n]["fid"])
+        print(f"best-FID CFG row: {best}")
+        for name, row in rows.items():
+            if not name.startswith("base"):
+                matched = min(cfg_rows, key=lambda n: abs(cfg_rows[n]["recall"] - row["recall"]))
+                print(f"{name}: CFG row with the closest recall: {matched}")
+    with open(os.path.join(args.run_dir, args.json), "w") as f:
         json.dump(rows, f, indent=1)
+
+
+METRICS = ["accuracy", "fid", "intra_fid", "precision", "recall"]
+
+
+def score_text(row, metric):
+    """'0.681 ± 0.012' from a row of mean_and_std (no ± for a single set)."""
+    std = row.get(f"{metric}_std")
+    return f"{row[metric]:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+
+
+def frontier(args):
+    """FID against recall: the base model's CFG scales as one curve, each fine-tune as a point,
+    from the JSON files `compare` wrote (every row of every file)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = {}
+    for path in args.json_files:
+        with open(path) as f:
+            rows.update(json.load(f))
+    cfg = sorted((r["cfg"], r) for n, r in rows.items() if n.startswith("base"))
+    tuned = [(n.split(", ")[0], r) for n, r in rows.items() if not n.startswith("base")]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ax.errorbar([r["recall"] for _, r in cfg], [r["fid"] for _, r in cfg],
+                xerr=[r.get("recall_std") or 0 for _, r in cfg],
+                yerr=[r.get("fid_std") or 0 for _, r in cfg], fmt="o-", color="tab:blue",
+                label="base model, CFG scale w")
+    for w, r in cfg:
+        ax.annotate(f"w={w:g}", (r["recall"], r["fid"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8, color="tab:blue")
+    for name, r in tuned:
+        ax.errorbar(r["recall"], r["fid"], xerr=r.get("recall_std") or 0,
+                    yerr=r.get("fid_std") or 0, fmt="s", color="tab:red")
+        ax.annotate(tuned_label(name), (r["recall"], r["fid"]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=8, color="tab:red")
+    ax.plot([], [], "s", color="tab:red", label="CCA fine-tunes, no guidance")
+    ax.set_xlabel("recall (higher: samples cover more of the data)")
+    ax.set_ylabel("FID in the judge's features (lower is better)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.figure, dpi=120)
+    print(f"wrote {args.figure}")
+
+
+def tuned_label(checkpoint):
+    """'cca_cca_b0.1_l30_e0.5.pt' -> 'λ30, 0.5 ep'."""
+    parts = dict((p[0], p[1:]) for p in checkpoint.removesuffix(".pt").split("_")[2:])
+    label = f"λ{parts.get('l', '?')}, {parts.get('e', '?')} ep"
+    return label if parts.get("b") == "0.1" else f"{label}, β{parts.get('b')}"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("study", choices=["tilt", "compare"])
-    parser.add_argument("run_dir", help="a finished run's --out folder")
-    parser.add_argument("--dataset", default=None, help="the run's --dataset")
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--per-class", type=int, default=None,
-                        help="images per class (tilt: 100 real; compare: 500 samples)")
-    parser.add_argument("--cfg", type=float, nargs="+", default=None,
-                        help="the base model's CFG scales (tilt: 2 4 10; compare: 1 2 4 6 8 10)")
-    parser.add_argument("--preset", default="cpu_rgb", help="compare: the run's sampling settings")
-    parser.add_argument("--judge", default=None, help="compare: judge name or .pt (default: the "
-                        "dataset's shipped judge)")
-    parser.add_argument("--seed", type=int, default=0)
+    studies = parser.add_subparsers(dest="study", required=True)
+    for study in ("tilt", "compare"):
+        sub = studies.add_parser(study, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.add_argument("run_dir", help="a finished run's --out folder")
+        sub.add_argument("--dataset", default=None, help="the run's --dataset")
+        sub.add_argument("--data-root", default="data")
+        sub.add_argument("--per-class", type=int, default=None,
+                         help="images per class (tilt: 100 real; compare: 500 samples)")
+        sub.add_argument("--cfg", type=float, nargs="*", default=None,
+                         help="the base model's CFG scales (tilt: 2 4 10; compare: 1 2 4 6 8 10; "
+                         "none: only the fine-tunes)")
+        sub.add_argument("--checkpoints", default="cca_*.pt",
+                         help="which fine-tunes in the folder (a glob)")
+        sub.add_argument("--seed", type=int, default=0)
+    compare_parser = studies.choices["compare"]
+    compare_parser.add_argument("--preset", default="cpu_rgb",
+                                help="the run's sampling settings")
+    compare_parser.add_argument("--judge", default=None, help="judge name or .pt (default: the "
+                                "dataset's shipped judge)")
+    compare_parser.add_argument("--sets", type=int, default=1,
+                                help="sets of samples per row (sampling seeds seed, seed + 1, "
+                                "...): mean ± std")
+    compare_parser.add_argument("--json", default="compare.json",
+                                help="the file it writes in the run folder")
+    plot = studies.add_parser("frontier", help="FID against recall from compare's JSON files")
+    plot.add_argument("json_files", nargs="+")
+    plot.add_argument("--figure", default="frontier.png")
     args = parser.parse_args(argv)
+    if args.study == "frontier":
+        frontier(args)
+        return
     torch.manual_seed(args.seed)
     if args.per_class is None:
         args.per_class = 100 if args.study == "tilt" else 500
