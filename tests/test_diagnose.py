@@ -113,3 +113,19 @@ def test_compare_with_sets_and_the_frontier_figure(tmp_path):
     assert figure.stat().st_size > 10_000
     assert diagnose.tuned_label("cca_cca_b0.1_l30_e0.5.pt") == "λ30, 0.5 ep"
     assert diagnose.tuned_label("cca_cca_b0.03_l30_e1.pt") == "λ30, 1 ep, β0.03"
+
+
+def test_seeds_averages_each_runs_rows(tmp_path, capsys):
+    def run(seed, fid, w):
+        rows = {"base, no guidance": {"accuracy": 0.5, "fid": fid, "is": 2.0, "precision": 0.9,
+                                      "recall": 0.2},
+                f"base, best CFG (w = {w})": {"accuracy": 0.8, "fid": fid / 2, "is": 2.5,
+                                              "precision": 0.9, "recall": 0.1}}
+        path = tmp_path / f"metrics{seed}.json"
+        path.write_text(json.dumps({"rows": rows, "best_cfg": w}))
+        return str(path)
+    table = diagnose.seeds(
+        type("Args", (), {"metrics": [run(0, 10.0, 8), run(1, 12.0, 10), run(2, 14.0, 10)]}))
+    assert table["base, no guidance"]["fid"] == 12.0 and table["base, no guidance"]["fid_std"] == 2.0
+    assert table["base, best CFG (w = 8, 10, 10)"]["fid"] == 6.0
+    assert "| base, best CFG (w = 8, 10, 10) | 0.800 ± 0.000 | 6 ± 1 |" in capsys.readouterr().out

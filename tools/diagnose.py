@@ -273,6 +273,32 @@ def tuned_label(checkpoint):
     return label if parts.get("b") == "0.1" else f"{label}, β{parts.get('b')}"
 
 
+def seeds(args):
+    """Runs of one recipe with other training seeds: each run's row means (its metrics.json), then
+    their mean ± std over the runs, as a markdown table. The best-CFG rows are matched by position
+    (each run picks its own scale; the label lists them)."""
+    runs = []
+    for path in args.metrics:
+        with open(path) as f:
+            runs.append(json.load(f))
+    names = list(runs[0]["rows"])
+    columns = ["accuracy", "fid", "is", "precision", "recall"]
+    print("| setting | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    table = {}
+    for i, name in enumerate(names):
+        rows = [list(run["rows"].values())[i] for run in runs]
+        label = name
+        if name.startswith("base, best CFG"):
+            scales = ", ".join(f"{run['best_cfg']:g}" for run in runs)
+            label = f"base, best CFG (w = {scales})"
+        table[label] = minicca.mean_and_std([{m: row[m] for m in columns} for row in rows])
+        cells = [minicca.format_metric(m, table[label][m], table[label][f"{m}_std"])
+                 for m in columns]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -300,12 +326,15 @@ def main(argv=None):
                                 "...): mean ± std")
     compare_parser.add_argument("--json", default="compare.json",
                                 help="the file it writes in the run folder")
+    seeds_parser = studies.add_parser("seeds", help="one recipe's runs with other seeds: "
+                                      "mean ± std of their rows")
+    seeds_parser.add_argument("metrics", nargs="+", help="each run's metrics.json")
     plot = studies.add_parser("frontier", help="FID against recall from compare's JSON files")
     plot.add_argument("json_files", nargs="+")
     plot.add_argument("--figure", default="frontier.png")
     args = parser.parse_args(argv)
-    if args.study == "frontier":
-        frontier(args)
+    if args.study in ("frontier", "seeds"):
+        {"frontier": frontier, "seeds": seeds}[args.study](args)
         return
     torch.manual_seed(args.seed)
     if args.per_class is None:
