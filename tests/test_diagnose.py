@@ -126,6 +126,7 @@ def test_seeds_averages_each_runs_rows(tmp_path, capsys):
         return str(path)
     table = diagnose.seeds(
         type("Args", (), {"metrics": [run(0, 10.0, 8), run(1, 12.0, 10), run(2, 14.0, 10)]}))
-    assert table["base, no guidance"]["fid"] == 12.0 and table["base, no guidance"]["fid_std"] == 2.0
+    assert table["base, no guidance"]["fid"] == 12.0
+    assert table["base, no guidance"]["fid_std"] == 2.0
     assert table["base, best CFG (w = 8, 10, 10)"]["fid"] == 6.0
     assert "| base, best CFG (w = 8, 10, 10) | 0.800 ± 0.000 | 6 ± 1 |" in capsys.readouterr().out
