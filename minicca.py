@@ -69,7 +69,7 @@ class VQConfig:
     hidden: int = 64           # conv width
     codebook_size: int = 256   # the GPT's vocabulary
     code_dim: int = 32
-    commitment: float = 0.25   # weight of the commitment term ||z_e - sg[e]||^2 only
+    commitment: float = 0.25   # weight of ||z_e - sg[e]||^2 (sg: stop-gradient)
     l2_norm: bool = False      # look up by cosine: z_e and codes on the unit sphere (ViT-VQGAN,
     #                            LlamaGen). On in every preset but cpu (vq_l2_norm); False (plain
     #                            VQ-VAE) is the default so that older checkpoints load as trained
@@ -106,8 +106,8 @@ class VQTokenizer(nn.Module):
             nn.Conv2d(c.code_dim, c.hidden, 3, padding=1),
             ResBlock(c.hidden), ResBlock(c.hidden), nn.ReLU(),
             nn.ConvTranspose2d(c.hidden, c.hidden, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(c.hidden, c.channels, 4, 2, 1))     # (B, C, H, W), linear:
-        self.codebook = nn.Embedding(c.codebook_size, c.code_dim)  # a sigmoid would saturate
+            nn.ConvTranspose2d(c.hidden, c.channels, 4, 2, 1))     # (B, C, H, W), no sigmoid
+        self.codebook = nn.Embedding(c.codebook_size, c.code_dim)  # (K, d): the code vectors
 
     def project(self, v):
         """With l2_norm, vectors along dim 1 onto the unit sphere, where an encoder that grows or
@@ -250,7 +250,8 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def _run(self, x, start=0, cache=None):
+    def _through_blocks(self, x, start=0, cache=None):
+        """Input embeddings (B, T, C) of positions start .. start + T - 1 -> logits (B, T, V)."""
         x = self.drop(x + self.pos_emb[:, start:start + x.size(1)])               # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache[i])
@@ -262,18 +263,18 @@ class GPT(nn.Module):
         forcing)."""
         class_token = self.class_emb(labels)[:, None]                             # (B, 1, C)
         x = torch.cat([class_token, self.tok_emb(tokens[:, :-1])], dim=1)         # (B, T, C)
-        return self._run(x)
+        return self._through_blocks(x)
 
     def decode_step(self, prev_tokens, labels, cache):
         """Logits (B, V) of the next position, appending to `cache` (a list with one [] per layer
         to start). prev_tokens (B,) is the token chosen at the previous position (ignored at
         position 0)."""
-        t = len(cache[0]) and cache[0][0].size(2)                                 # positions done
+        t = cache[0][0].size(2) if cache[0] else 0                                # positions done
         if t == 0:
             x = self.class_emb(labels)[:, None]                                   # (B, 1, C)
         else:
             x = self.tok_emb(prev_tokens)[:, None]                                # (B, 1, C)
-        return self._run(x, start=t, cache=cache)[:, 0]
+        return self._through_blocks(x, start=t, cache=cache)[:, 0]
 
     def new_cache(self):
         return [[] for _ in self.blocks]
@@ -291,8 +292,8 @@ def sequence_logprob(logits, tokens):
 
 def cfg_logits(cond_logits, uncond_logits, scale):
     """LlamaGen's convention: l_u + w (l_c - l_u). w = 1 is no guidance; w = 1 + s targets
-    p(x|c)[p(x|c)/p(x)]^s per token (VAR's t is w - 1). Mixing logits or log-probs gives the same
-    samples (they differ by a constant)."""
+    p(x|c)[p(x|c)/p(x)]^s per token (the VAR paper writes t = w - 1). Mixing logits or log-probs
+    gives the same samples (they differ by a constant)."""
     return uncond_logits + scale * (cond_logits - uncond_logits)
 
 
@@ -331,7 +332,7 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=No
         if use_cache:
             prev = out[:, t - 1].repeat(2 if guided else 1) if t > 0 else None
             logits = model.decode_step(prev, rows, cache)                               # (R, V)
-        else:  # recompute the whole prefix: the naive reference the KV cache is tested against
+        else:  # the KV cache's naive reference: the prefix again (out[:, t], still 0, is unread)
             logits = model(out[:, :t + 1].repeat(2 if guided else 1, 1), rows)[:, -1]  # (R, V)
         logits = logits.float()
         if guided:
@@ -416,7 +417,7 @@ def dpo_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta, lam=None, neg_as
              normalize=True):
     """DPO baseline: -log σ(β·(gap_pos - gap_neg)). Controls only the *relative* likelihood,
     which lets both fall (it collapses LlamaGen in the paper). Flagged rows are no contrast and
-    are left out (a masked mean). lam is unused."""
+    are left out (a masked mean). lam and normalize are unused: each row's term is bounded."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     flagged = _check_pairs(policy_pos, policy_neg, ref_pos, ref_neg, neg_as_pos)
@@ -450,7 +451,7 @@ LOSSES = {"cca": cca_loss, "dpo": dpo_loss, "unlearning": unlearning_loss}
 def contrastive_labels(labels, num_classes, uncond_ratio=0.1, collisions="positive",
                        generator=None):
     """Pair each image with a wrong class from the same (micro-)batch, as the official code does:
-    roll by one, so a row is never paired with its own label index.
+    roll by one, so each row takes the next row's class, which may be its own (a collision).
     Returns (pos_labels, neg_labels, neg_as_pos, keep), each (B,):
     - collisions (c⁻ == c, ~1/K of rows): "positive" flags them (official), "mask" drops those
       rows (keep = False), "resample" draws c⁻ = (c + U{1..K-1}) mod K, a guaranteed mismatch;
@@ -542,7 +543,8 @@ def batch_indices(n, batch_size, step, seed):
     a resumed run sees exactly the batches an uninterrupted one would."""
     per_epoch = max(n // batch_size, 1)
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    epoch_seed = seed * 7919 + epoch  # a prime stride: no two (seed, epoch) pairs share a seed
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
     return perm[i * batch_size:(i + 1) * batch_size]
 
 
@@ -588,7 +590,7 @@ def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, seed, devic
     updating = False
     try:
         for step in bar:
-            torch.manual_seed(seed * 1_000_003 + step)
+            torch.manual_seed(seed * 1_000_003 + step)  # prime: (seed, step) never share a seed
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             with autocast(device, precision):
@@ -652,8 +654,7 @@ def train_tokenizer(data, settings, seed, device, hooks=Hooks()):
     lr_at = cosine_lr(settings["vq_lr"], settings["vq_steps"], 0.0,  # no warm-up of the rate
                       settings["vq_lr_floor"])
     history = train_loop("tokenizer", model, opt, settings["vq_steps"], lr_at, batch_loss, seed,
-                         device,
-                         settings["precision"], settings["grad_clip"], hooks)
+                         device, settings["precision"], settings["grad_clip"], hooks)
     return {"model": model.state_dict(), "vq_config": asdict(model.config), "history": history}
 
 
@@ -698,7 +699,8 @@ def train_gpt(tokens, labels, num_classes, settings, seed, device, hooks=Hooks()
 
 def finetune_cca(base, tokens, labels, settings, seed, device, hooks=Hooks()):
     """CCA (or a baseline): the policy starts from the pretrained weights, the reference is a frozen
-    copy; dropout is off in both (eval mode), so that every gap is exactly 0 at step 0."""
+    copy; dropout is off in both (eval mode), so that every gap is exactly 0 at step 0. The rate
+    is constant: a short pass that stays near the reference."""
     policy = copy.deepcopy(base).eval()
     reference = copy.deepcopy(base).eval().requires_grad_(False)
     opt = adamw(policy, settings["cca_lr"], settings["weight_decay"])
@@ -723,7 +725,7 @@ def finetune_cca(base, tokens, labels, settings, seed, device, hooks=Hooks()):
 
 @torch.no_grad()
 def classify(classifier, images, device, batch=500):
-    """uint8 NHWC numpy or float (B, C, H, W) tensor -> (features (B, 128), probabilities (B, K)),
+    """uint8 NHWC numpy or float (B, C, H, W) tensor -> (features (B, F), probabilities (B, K)),
     on CPU. A classifier with `flip_average` (the shipped RGB judges) sees each image and its
     mirror and averages both (flip test-time averaging, as the fast CIFAR-10 recipes do)."""
     classifier.eval()
@@ -909,7 +911,7 @@ def run(args):
 
 
 def stage_tokenizer(pipeline):
-    """1. The VQ tokenizer, with its test-set report and a reconstruction grid."""
+    """Stage 1, the VQ tokenizer, with its test-set report and a reconstruction grid."""
     settings, data, device = pipeline.settings, pipeline.data, pipeline.device
     keys = ["vq_hidden", "codebook_size", "code_dim", "vq_steps", "vq_batch", "vq_lr",
             "vq_lr_floor", "vq_ae_warmup", "vq_l2_norm", "precision"]
@@ -924,7 +926,7 @@ def stage_tokenizer(pipeline):
 
 
 def stage_tokens(pipeline):
-    """2. The token cache: the GPT never touches pixels again. {"train": (N, h*w), "test": ...}"""
+    """Stage 2, the token cache: the GPT never sees pixels again. {"train": (N, h*w), "test": ..}"""
     tokenizer, data, device = pipeline.tokenizer, pipeline.data, pipeline.device
 
     def build(hooks):
@@ -935,7 +937,7 @@ def stage_tokens(pipeline):
 
 
 def stage_pretrain(pipeline):
-    """3. Pretraining with condition dropout; prints the size and bits per token."""
+    """Stage 3, pretraining with condition dropout; prints the size and bits per token."""
     settings, tokens, device = pipeline.settings, pipeline.tokens, pipeline.device
     keys = ["n_layer", "n_head", "n_embd", "dropout", "steps", "batch_size", "lr", "cond_dropout",
             "precision"]
@@ -948,7 +950,7 @@ def stage_pretrain(pipeline):
 
 
 def stage_cca(pipeline):
-    """5. The CCA fine-tune (or a baseline) of the pretrained model, cached by its settings."""
+    """Stage 5, the CCA fine-tune (or a baseline) of the pretrained model, cached by settings."""
     loss = pipeline.settings["loss"]  # "cca", or the baseline's name
     pipeline.models[loss] = finetuned(pipeline, pipeline.settings)
 
@@ -965,15 +967,15 @@ def finetuned(pipeline, settings):
 
 
 def stage_judge(pipeline):
-    """6. The judge (--judge; see judge_for) and the Judge that samples and scores with it."""
+    """Stage 6, the judge (--judge; see judge_for) and the Judge that samples and scores with it."""
     classifier, name = judge_for(pipeline)
     pipeline.judge = Judge(classifier, pipeline.data, pipeline.tokenizer, pipeline.grid,
                            pipeline.settings, pipeline.device, pipeline.seed, name)
 
 
 def stage_eval(pipeline):
-    """7. The table (metrics.json): real images, then every model without and with CFG, and the
-    base model at its best CFG scale, the paper's comparison for CCA without guidance."""
+    """Stage 7, the table (metrics.json): real images, then each model without and with CFG, and
+    the base model at its best CFG scale, the paper's comparison for CCA without guidance."""
     settings, judge, seed = pipeline.settings, pipeline.judge, pipeline.seed
     w_best = best_cfg_for(pipeline)
     rows = {"real (train images)": judge.real_row()}
