@@ -1730,7 +1730,7 @@ def load_judge(name_or_path, device="cpu"):
         raise UserError(f"no judge file {path} (make one: python tools/make_judge.py --dataset "
                         f"...)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    judge = JudgeNet(**ckpt["config"])
+    judge = JudgeNet(**ckpt["judge_config"])
     judge.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in ckpt["model"].items()})
     judge.info = ckpt["info"]

@@ -55,6 +55,7 @@ def test_make_judge_from_the_command_line(tmp_path):
     out = tmp_path / "judges" / "j.pt"
     printed = tool("make_judge.py", "--dataset", str(npz), "--judge-epochs", "0.5", "--out",
                    str(out), "--device", "cpu")
+    assert set(torch.load(out, weights_only=True)) == {"model", "judge_config", "info"}
     judge = minicca.load_judge(str(out))
     assert judge.info["image_shape"] == [12, 12, 1] and judge.info["classes"] == ["0", "1"]
     assert judge.info["test_accuracy_flip"] is None and not judge.flip_average  # digits: no flips
