@@ -1130,14 +1130,18 @@ JUDGE_RECIPE = dict(batch=256, lr=0.2, momentum=0.9, weight_decay=5e-4, label_sm
 
 @dataclass
 class Pipeline:
-    """What the stages share: the flags, the settings, the device, the data, the output folder,
-    and what the stages made on the way (the stages fill in the fields after `data_id`)."""
+    """What the stages share: the flags, the settings, the device, the data and what it implies,
+    the output folder, and what the stages made on the way (the fields after `out`)."""
     args: argparse.Namespace
     settings: dict
     device: torch.device
     data: dict
-    out: str
     data_id: str                  # fingerprint(data): the tokenizer records it
+    seed: int
+    K: int                        # classes
+    grid: tuple                   # the token grid (h, w): 4x downsampling
+    y_train: torch.Tensor
+    out: str
     reports: dict = field(default_factory=dict)  # what the stages measured (tokenizer, judge)
     models: dict = field(default_factory=dict)   # {"base": GPT, "cca" (or --loss): GPT}
     tokenizer: nn.Module = None
@@ -1149,41 +1153,44 @@ class Pipeline:
     def path(self, file):
         return os.path.join(self.out, file)
 
-    @property
-    def seed(self):
-        return self.args.seed
-
-    @property
-    def K(self):
-        return len(self.data["classes"])
-
-    @property
-    def grid(self):
-        """The token grid (h, w): 4x downsampling."""
-        H, W = self.data["x_train"].shape[1:3]
-        return H // 4, W // 4
-
-    @property
-    def y_train(self):
-        return torch.from_numpy(self.data["y_train"])
-
 
 def pick(settings, keys):
     return {k: settings[k] for k in keys}
 
 
 def setup(args):
-    """Device, settings, data and the output folder; the reference checkpoints with --pretrained."""
+    """Device, settings, data and the output folder, in the order that says a mistake before any
+    download or write; with --pretrained, the reference checkpoints copied into the folder."""
     device = init_distributed(pick_device(args.device))
-    check_pretrained(args)
-    preset = chosen_preset(args, device)
-    settings = checked_settings(args, preset, device)  # before the data: a bad flag is said
-    data = load_dataset_rank0_first(args)               # before a download
+    if args.pretrained and args.dataset not in (None, "tiny"):
+        raise UserError("--pretrained uses the checkpoints shipped in tiny_data/, made on the "
+                        "default dataset: drop --dataset")
+    if args.pretrained and not os.path.isdir(PRETRAINED):
+        raise UserError(f"no reference checkpoints in {PRETRAINED}: see tiny_data/README.md to "
+                        f"make them")
+    # the reference checkpoints were made with the cpu preset
+    preset = "cpu" if args.pretrained and not args.preset else chosen_preset(args, device)
+    settings = checked_settings(args, preset, device)
+    if RANK > 0:  # under torchrun rank 0 loads (and downloads) first, the others read its files
+        from_rank0()
+    data = load_dataset(args.dataset, args.data_root)
+    if RANK == 0:
+        from_rank0()
     name = dataset_name(args.dataset)
     out = args.out or os.path.join("runs", name)
-    make_writable_folder(out)
-    if args.pretrained:
-        copy_pretrained(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test{RANK}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {out} is not a writable folder ({e.strerror})")
+    if args.pretrained and RANK == 0:
+        import shutil
+        for file in sorted(os.listdir(PRETRAINED)):  # checkpoints already in --out are kept
+            if not os.path.exists(os.path.join(out, file)):
+                shutil.copy(os.path.join(PRETRAINED, file), out)
+    from_rank0()  # the others wait for rank 0's copies
     (H, W, C), K = data["x_train"].shape[1:], len(data["classes"])
     ddp_note = (f"; {WORLD} processes (DDP), global batch {settings['batch_size']}"
                 if WORLD > 1 else "")
@@ -1191,17 +1198,13 @@ def setup(args):
           f"{H}x{W}x{C}, {K} classes; device {device}; preset {preset}; out {out}{ddp_note}")
     if device.type == "cpu" and settings["n_embd"] >= 384:
         warn_estimate(settings, (H // 4, W // 4), K, device)
-    return Pipeline(args, settings, device, data, out, fingerprint(data))
+    return Pipeline(args, settings, device, data, fingerprint(data), args.seed, K,
+                    (H // 4, W // 4), torch.from_numpy(data["y_train"]), out)
 
 
-REDO = {  # --retrain X redoes these stages
-    "tokenizer": ["tokenizer", "tokens", "pretrain", "cca"],
-    "tokens": ["tokens", "pretrain", "cca"],
-    "pretrain": ["pretrain", "cca"],
-    "cca": ["cca"],
-    "classifier": ["classifier"],
-    "all": ["tokenizer", "tokens", "pretrain", "cca", "classifier"],
-}
+STAGES = ["tokenizer", "tokens", "pretrain", "cca"]  # --retrain X redoes X and the stages after it
+REDO = {**{stage: STAGES[i:] for i, stage in enumerate(STAGES)},
+        "classifier": ["classifier"], "all": STAGES + ["classifier"]}
 
 
 def pick_device(name):
@@ -1250,47 +1253,35 @@ def image_channels(dataset):
     return shape[3] if len(shape) == 4 else 1
 
 
+RULES = [  # (what a setting must be, the test, the settings; None, an unset option, passes)
+    ("> 0", lambda v: v > 0, ["beta", "batch_size", "steps", "vq_steps", "vq_batch", "cca_epochs",
+                              "judge_epochs", "eval_samples", "eval_seeds", "samples_per_class",
+                              "lr", "cca_lr", "n_layer", "n_embd", "n_head"]),
+    (">= 0", lambda v: v >= 0, ["lam", "cfg", "temperature", "seed"]),
+    (">= 0 (0: never)", lambda v: v >= 0, ["save_every"]),
+    (">= 1", lambda v: v >= 1, ["top_k"]),
+    (">= 2", lambda v: v >= 2, ["codebook_size"]),
+    ("in [0, 1)", lambda v: 0 <= v < 1, ["uncond_ratio", "cond_dropout", "dropout"]),
+    ("in (0, 1]", lambda v: 0 < v <= 1, ["top_p"]),
+]
+
+
 def checked_settings(args, preset, device):
-    """The preset overridden by every flag given, then checked: one line per rule, the first one
-    broken is the error."""
+    """The preset overridden by every flag given, then checked: the first rule broken is the
+    error."""
     settings = {**COMMON, **PRESETS[preset]}
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
     settings["precision"] = resolve_precision(settings["precision"], device)
-    checks = [
-        ("beta", settings["beta"] > 0, "> 0"),
-        ("lam", settings["lam"] >= 0, ">= 0"),
-        ("uncond-ratio", 0 <= settings["uncond_ratio"] < 1, "in [0, 1)"),
-        ("cfg", settings["cfg"] >= 0, ">= 0"),
-        ("temperature", settings["temperature"] >= 0, ">= 0"),
-        ("top-p", settings["top_p"] is None or 0 < settings["top_p"] <= 1, "in (0, 1]"),
-        ("top-k", settings["top_k"] is None or settings["top_k"] >= 1, ">= 1"),
-        ("cond-dropout", 0 <= settings["cond_dropout"] < 1, "in [0, 1)"),
-        ("batch-size", settings["batch_size"] > 0, "> 0"),
-        ("steps", settings["steps"] > 0, "> 0"),
-        ("vq-steps", settings["vq_steps"] > 0, "> 0"),
-        ("vq-batch", settings["vq_batch"] > 0, "> 0"),
-        ("cca-epochs", settings["cca_epochs"] > 0, "> 0"),
-        ("judge-epochs", settings["judge_epochs"] is None or settings["judge_epochs"] > 0, "> 0"),
-        ("eval-samples", settings["eval_samples"] > 0, "> 0"),
-        ("eval-seeds", settings["eval_seeds"] > 0, "> 0"),
-        ("samples-per-class", settings["samples_per_class"] > 0, "> 0"),
-        ("lr", settings["lr"] > 0, "> 0"),
-        ("cca-lr", settings["cca_lr"] > 0, "> 0"),
-        ("n-layer", settings["n_layer"] > 0, "> 0"),
-        ("n-embd", settings["n_embd"] > 0, "> 0"),
-        ("n-head", settings["n_head"] > 0, "> 0"),
-        ("n-embd", settings["n_embd"] % max(settings["n_head"], 1) == 0, "a multiple of --n-head"),
-        ("dropout", 0 <= settings["dropout"] < 1, "in [0, 1)"),
-        ("codebook-size", settings["codebook_size"] >= 2, ">= 2"),
-        ("seed", args.seed >= 0, ">= 0"),
-        ("save-every", args.save_every >= 0, ">= 0 (0: never)"),
-        ("batch-size", settings["batch_size"] % WORLD == 0, f"a multiple of the {WORLD} processes"),
-    ]
-    for flag, ok, what in checks:
-        if not ok:
-            key = flag.replace("-", "_")
-            value = settings[key] if key in settings else getattr(args, key)
-            raise UserError(f"--{flag} must be {what}, got {value}")
+    values = {**settings, "seed": args.seed, "save_every": args.save_every}
+    for what, test, keys in RULES:
+        for key in keys:
+            if values[key] is not None and not test(values[key]):
+                raise UserError(f"--{key.replace('_', '-')} must be {what}, got {values[key]}")
+    if settings["n_embd"] % settings["n_head"]:
+        raise UserError(f"--n-embd must be a multiple of --n-head, got {settings['n_embd']}")
+    if settings["batch_size"] % WORLD:
+        raise UserError(f"--batch-size must be a multiple of the {WORLD} processes, got "
+                        f"{settings['batch_size']}")
     return settings
 
 
@@ -1314,12 +1305,10 @@ def validate_arrays(arrays, source):
         raise UserError(f"{source}: train images {out['x_train'].shape[1:]} and test images "
                         f"{out['x_test'].shape[1:]} differ in shape")
     top = int(max(out["y_train"].max(), out["y_test"].max()))
-    if "classes" in arrays and np.asarray(arrays["classes"]).ndim != 1:
+    names = np.asarray(arrays.get("classes", range(top + 1)))  # by default, the labels
+    if names.ndim != 1:
         raise UserError(f"{source}: classes must be a 1-D array of class names")
-    if "classes" in arrays:
-        classes = [str(c) for c in arrays["classes"]]
-    else:
-        classes = [str(i) for i in range(top + 1)]
+    classes = [str(c) for c in names]
     low = int(min(out["y_train"].min(), out["y_test"].min()))
     if low < 0 or top >= len(classes):
         raise UserError(f"{source}: labels must lie in 0..{len(classes) - 1}, found {low}..{top}")
@@ -1397,57 +1386,11 @@ def fingerprint(data):
     return f"{len(data['x_train'])}+{len(data['x_test'])}x{shape}:{h.hexdigest()[:10]}"
 
 
-def check_pretrained(args):
-    """--pretrained: the shipped checkpoints exist and fit the run (default data, cpu preset)."""
-    if not args.pretrained:
-        return
-    if args.dataset not in (None, "tiny"):
-        raise UserError("--pretrained uses the checkpoints shipped in tiny_data/, made on the "
-                        "default dataset: drop --dataset")
-    if not os.path.isdir(PRETRAINED):
-        raise UserError(f"no reference checkpoints in {PRETRAINED}: see tiny_data/README.md to "
-                        f"make them")
-    if args.preset is None:
-        args.preset = "cpu"  # the reference checkpoints were made with the cpu preset
-
-
-def load_dataset_rank0_first(args):
-    """load_dataset; under torchrun rank 0 loads first (and downloads, if it must), then the
-    others read what it wrote."""
-    if RANK > 0:
-        from_rank0()
-    data = load_dataset(args.dataset, args.data_root)
-    if RANK == 0:
-        from_rank0()
-    return data
-
-
 def dataset_name(dataset):
     """'tiny', 'mnist', 'cifar10', or an .npz file's name without folder and extension."""
     if dataset in (None, "tiny"):
         return "tiny"
     return os.path.splitext(os.path.basename(dataset))[0]
-
-
-def make_writable_folder(out):
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test{RANK}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {out} is not a writable folder ({e.strerror})")
-
-
-def copy_pretrained(out):
-    """--pretrained: the shipped checkpoints into --out (those already there are kept)."""
-    if RANK == 0:
-        import shutil
-        for f in sorted(os.listdir(PRETRAINED)):
-            if not os.path.exists(os.path.join(out, f)):
-                shutil.copy(os.path.join(PRETRAINED, f), os.path.join(out, f))
-    from_rank0()  # the others wait for the copies
 
 
 # Several processes (`torchrun --nproc_per_node=N minicca.py ...`). With one process RANK = 0,
@@ -1484,26 +1427,6 @@ def shard(batch):
     DistributedSampler with DataLoader(batch_size=B / WORLD)), kept a pure function of
     (seed, step) for --resume."""
     return batch[RANK::WORLD]
-
-
-def ddp(model, find_unused_parameters=False):
-    """The model as a training step calls it: DistributedDataParallel averages gradients across
-    ranks during backward. State dicts and the optimizer keep using the bare model.
-    find_unused_parameters: some steps leave parameters out of the graph (the tokenizer's
-    warm-up, its codebook)."""
-    if WORLD == 1:
-        return model
-    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
-
-
-def across_ranks(stats, device):
-    """Average a dict of floats over ranks: the global batch's loss, the number one process would
-    log."""
-    if WORLD == 1:
-        return stats
-    t = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return dict(zip(stats, (t / WORLD).tolist()))
 
 
 def from_rank0(obj=None):
@@ -1653,26 +1576,36 @@ def run_stage(pipeline, name, file, made_with, build):
     return ckpt
 
 
+@dataclass
 class Saves(Hooks):
     """train_loop's Hooks for the command line: the resumable checkpoint of one stage, `partial`
     (weights, optimizer, step, history and the settings it was made with), and torchrun."""
-
-    def __init__(self, partial, made_with, device, save_every, resume):
-        self.partial = partial
-        self.made_with = made_with
-        self.device = device
-        self.save_every = save_every
-        self.resume = resume
-        self.start = 0
+    partial: str
+    made_with: dict
+    device: torch.device
+    save_every: int
+    resume: bool
+    start: int = 0
 
     def wrap(self, model, find_unused_parameters=False):
-        return ddp(model, find_unused_parameters)
+        """Under torchrun, DistributedDataParallel: it averages gradients across ranks during
+        backward (state dicts and the optimizer keep the bare model). find_unused_parameters:
+        some steps leave parameters out of the graph (the tokenizer's warm-up, its codebook)."""
+        if WORLD == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(model,
+                                                   find_unused_parameters=find_unused_parameters)
 
     def shard(self, batch):
         return shard(batch)
 
     def average(self, stats):
-        return across_ranks(stats, self.device)
+        """The mean over ranks of each number logged: the global batch's, as one process logs."""
+        if WORLD == 1:
+            return stats
+        t = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return dict(zip(stats, (t / WORLD).tolist()))
 
     def restore(self, name, model, optimizer, num_steps):
         """(first step, history so far): from `partial` with --resume, else (0, [])."""
@@ -1837,16 +1770,27 @@ def bf16_is_fast(device):
 # Which judge scores a run
 
 def judge_for(pipeline):
-    """(classifier, name) for --judge: the shipped judge of this dataset, one trained on this
-    run's training images (train; the default where none is shipped), or a judge file."""
-    choice = pipeline.args.judge or ("shipped" if shipped_judge(pipeline) else "train")
+    """(classifier, name) for --judge: the shipped judge of this dataset (MNIST's for mnist and the
+    tiny subset, CIFAR-10's for cifar10, an .npz of either name counting as that dataset), one
+    trained on this run's training images (train; the default where none is shipped), or a judge
+    file."""
+    dataset = dataset_name(pipeline.args.dataset)
+    shipped = JUDGES.get("mnist" if dataset == "tiny" else dataset)
+    shipped = shipped if shipped is not None and os.path.exists(shipped) else None
+    choice = pipeline.args.judge or ("shipped" if shipped else "train")
     if choice == "train":
         return judge_trained_here(pipeline)
-    path = choice if choice != "shipped" else shipped_judge(pipeline) or no_shipped_judge(pipeline)
+    if choice == "shipped" and shipped is None:
+        raise UserError(f"--judge shipped: there is no shipped judge for {dataset!r} (shipped: "
+                        f"{', '.join(JUDGES)}); use --judge train or --judge path/to/judge.pt")
+    path = shipped if choice == "shipped" else choice
     classifier = load_judge(path, pipeline.device)
-    check_judge_fits(classifier, pipeline.data, path)
+    info, shape = classifier.info, tuple(pipeline.data["x_train"].shape[1:])
+    if (tuple(info["image_shape"]), len(info["classes"])) != (shape, pipeline.K):
+        raise UserError(f"the judge {path} was made for {len(info['classes'])} classes of "
+                        f"{tuple(info['image_shape'])} images, this data has {pipeline.K} classes "
+                        f"of {shape} images: use --judge train")
     name = os.path.relpath(path, HERE) if path.startswith(HERE) else path
-    info = classifier.info
     accuracy = info["test_accuracy_flip" if classifier.flip_average else "test_accuracy"]
     pipeline.reports["judge_accuracy"] = accuracy
     views = " with flip averaging" if classifier.flip_average else ""
@@ -1891,30 +1835,6 @@ def best_cfg_for(pipeline):
     print(f"[eval] best CFG scale by FID ({n} samples): w = {w:g} ("
           + ", ".join(f"{c:g}: {fid:.3g}" for c, fid in fids.items()) + ")")
     return w
-
-
-def shipped_judge(pipeline):
-    """The shipped judge's file for this run's data, or None: MNIST's for mnist and the tiny subset,
-    CIFAR-10's for cifar10 (an .npz named mnist.npz or cifar10.npz counts as that dataset)."""
-    name = dataset_name(pipeline.args.dataset)
-    path = JUDGES.get("mnist" if name == "tiny" else name)
-    return path if path is not None and os.path.exists(path) else None
-
-
-def no_shipped_judge(pipeline):
-    raise UserError(f"--judge shipped: there is no shipped judge for "
-                    f"{dataset_name(pipeline.args.dataset)!r} (shipped: {', '.join(JUDGES)}); use "
-                    f"--judge train or --judge path/to/judge.pt")
-
-
-def check_judge_fits(judge, data, path):
-    """A judge scores images of its own shape and classes only."""
-    shape = tuple(data["x_train"].shape[1:])
-    wanted = (tuple(judge.info["image_shape"]), len(judge.info["classes"]))
-    if wanted != (shape, len(data["classes"])):
-        raise UserError(f"the judge {path} was made for {wanted[1]} classes of {wanted[0]} images, "
-                        f"this data has {len(data['classes'])} classes of {shape} images: use "
-                        f"--judge train")
 
 
 # The pipeline's figures and the sweep
