@@ -1139,7 +1139,7 @@ class Pipeline:
     data_id: str                  # fingerprint(data): the tokenizer records it
     seed: int
     K: int                        # classes
-    grid: tuple                   # the token grid (h, w): 4x downsampling
+    grid: tuple                   # the token grid (h, w)
     y_train: torch.Tensor
     out: str
     reports: dict = field(default_factory=dict)  # what the stages measured (tokenizer, judge)
@@ -1192,14 +1192,15 @@ def setup(args):
                 shutil.copy(os.path.join(PRETRAINED, file), out)
     from_rank0()  # the others wait for rank 0's copies
     (H, W, C), K = data["x_train"].shape[1:], len(data["classes"])
+    grid = (H // 4, W // 4)  # the token grid: 4x downsampling
     ddp_note = (f"; {WORLD} processes (DDP), global batch {settings['batch_size']}"
                 if WORLD > 1 else "")
     print(f"minicca: {name}: {len(data['x_train'])} train / {len(data['x_test'])} test images "
           f"{H}x{W}x{C}, {K} classes; device {device}; preset {preset}; out {out}{ddp_note}")
     if device.type == "cpu" and settings["n_embd"] >= 384:
-        warn_estimate(settings, (H // 4, W // 4), K, device)
-    return Pipeline(args, settings, device, data, fingerprint(data), args.seed, K,
-                    (H // 4, W // 4), torch.from_numpy(data["y_train"]), out)
+        warn_estimate(settings, grid, K, device)
+    return Pipeline(args, settings, device, data, fingerprint(data), args.seed, K, grid,
+                    torch.from_numpy(data["y_train"]), out)
 
 
 STAGES = ["tokenizer", "tokens", "pretrain", "cca"]  # --retrain X redoes X and the stages after it
@@ -1221,23 +1222,19 @@ def pick_device(name):
 
 
 def default_preset(device, channels):
-    """The preset a run gets without --preset: gpu on a GPU; on a CPU, cpu_rgb for RGB images
-    (CIFAR-10's 32x32x3: 64 tokens, a larger model and tokenizer, under an hour) and cpu for the
-    rest (MNIST-sized grayscale: minutes)."""
+    """gpu on a GPU; on a CPU, cpu_rgb for RGB images (CIFAR-10: under an hour), else cpu."""
     if device.type != "cpu":
         return "gpu"
     return "cpu_rgb" if channels == 3 else "cpu"
 
 
 def chosen_preset(args, device):
-    """--preset when given, else the default for the device and --dataset's images."""
     return args.preset or default_preset(device, image_channels(args.dataset))
 
 
 def image_channels(dataset):
-    """1 or 3 for --dataset without loading its images (the preset depends on it, and the flags
-    are checked before a load that may download); None when an .npz cannot be read (load_dataset
-    then says why)."""
+    """1 or 3 for --dataset without loading its images (the flags are checked before a load that
+    may download); None when an .npz cannot be read (load_dataset then says why)."""
     if dataset in (None, "tiny", "mnist"):
         return 1
     if dataset == "cifar10":
@@ -1361,19 +1358,18 @@ def _load_torchvision(kind, root):
     hint = (f"{kind} is not under --data-root {root!r} and could not be downloaded. Place the "
             f"files there (torchvision layout, e.g. {os.path.join(root, kind, 'raw')}) or pass "
             f"--dataset path/to/data.npz")
-    splits = {}
-    for train in (True, False):
+    out = {}
+    for split in ("train", "test"):
         try:
-            ds = cls(root, train=train, download=False)
+            ds = cls(root, train=split == "train", download=False)
         except Exception:  # not there: try to download it, as torchvision users expect
             try:
-                ds = cls(root, train=train, download=True)
+                ds = cls(root, train=split == "train", download=True)
             except Exception as e:
                 first_line = str(e).splitlines()[0][:120] if str(e) else ""
                 raise UserError(f"{hint} ({type(e).__name__}: {first_line})")
-        splits["train" if train else "test"] = (np.asarray(ds.data), np.asarray(ds.targets))
-    return {"x_train": splits["train"][0], "y_train": splits["train"][1],
-            "x_test": splits["test"][0], "y_test": splits["test"][1], "classes": list(ds.classes)}
+        out[f"x_{split}"], out[f"y_{split}"] = np.asarray(ds.data), np.asarray(ds.targets)
+    return {**out, "classes": list(ds.classes)}
 
 
 def fingerprint(data):
@@ -1424,8 +1420,7 @@ def init_distributed(device):
 
 def shard(batch):
     """This rank's rows of a global batch: RANK, RANK + WORLD, ... (the split of torch's
-    DistributedSampler with DataLoader(batch_size=B / WORLD)), kept a pure function of
-    (seed, step) for --resume."""
+    DistributedSampler), kept a pure function of (seed, step) for --resume."""
     return batch[RANK::WORLD]
 
 
@@ -1491,8 +1486,8 @@ def tokenizer_report(tokenizer, x_uint8, device, batch=1000):
 
 
 def report_tokenizer(pipeline, tokenizer, history):
-    """The tokenizer's test-set scores (kept for metrics.json), the lowest share of the codes a
-    training batch used, and a reconstruction grid."""
+    """The test-set scores (kept for metrics.json), the lowest share of the codes a training batch
+    used, and a reconstruction grid."""
     data, device = pipeline.data, pipeline.device
     report = pipeline.reports["tokenizer"] = tokenizer_report(tokenizer, data["x_test"], device)
     print(f"[tokenizer] test MSE {report['mse']:.4f}, PSNR {report['psnr']:.2f} dB, codebook "
@@ -1523,8 +1518,7 @@ def report_pretrain(pipeline, base):
 
 @rank0_only
 def save_checkpoint(obj, path):
-    """Atomic: write a temporary file, then rename, so a kill at any moment leaves the last good
-    file."""
+    """Atomic: a temporary file, then a rename: a kill at any moment leaves the last good file."""
     tmp = path + ".tmp"
     try:
         torch.save(obj, tmp)
@@ -1545,12 +1539,11 @@ def load_checkpoint(path, device="cpu", stage="all"):
     return ckpt
 
 
-def check_made_with(path, saved, wanted, stage, fix=None):
+def check_made_with(path, saved, wanted, fix):
     """A checkpoint made with other settings is an error naming each difference and the fix."""
     keys = sorted(set(saved) | set(wanted))
     diff = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in keys
             if saved.get(k) != wanted.get(k)]
-    fix = fix or f"pass --retrain {stage} to redo it, or use another --out"
     if diff:
         raise UserError(f"{path} was made with other settings ({'; '.join(diff)}): {fix}")
 
@@ -1561,7 +1554,8 @@ def run_stage(pipeline, name, file, made_with, build):
     path, args, device = pipeline.path(file), pipeline.args, pipeline.device
     if os.path.exists(path) and name not in args.redo:
         ckpt = load_checkpoint(path, device, name)
-        check_made_with(path, ckpt.get("config", {}), made_with, name)
+        check_made_with(path, ckpt.get("config", {}), made_with,
+                        f"pass --retrain {name} to redo it, or use another --out")
         print(f"[{name}] up to date: {path}")
         return ckpt
     torch.manual_seed(args.seed)
@@ -1588,9 +1582,9 @@ class Saves(Hooks):
     start: int = 0
 
     def wrap(self, model, find_unused_parameters=False):
-        """Under torchrun, DistributedDataParallel: it averages gradients across ranks during
-        backward (state dicts and the optimizer keep the bare model). find_unused_parameters:
-        some steps leave parameters out of the graph (the tokenizer's warm-up, its codebook)."""
+        """Under torchrun, DDP: gradients averaged across ranks during backward (state dicts and
+        the optimizer keep the bare model). find_unused_parameters: some steps leave parameters
+        out of the graph (the tokenizer's warm-up, its codebook)."""
         if WORLD == 1:
             return model
         return nn.parallel.DistributedDataParallel(model,
@@ -1616,7 +1610,7 @@ class Saves(Hooks):
                   f"continue it. Starting over.")
             return 0, []
         state = load_checkpoint(self.partial, self.device, name)
-        check_made_with(self.partial, state["config"], self.made_with, name,
+        check_made_with(self.partial, state["config"], self.made_with,
                         "run without --resume to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -1647,17 +1641,17 @@ class Saves(Hooks):
                            f"{self.partial}: rerun the same command with --resume to continue")
 
 
-# The shipped reference judges
+# The reference judges: the shipped ones, one trained on a run's own data (--judge train, cached as
+# classifier.pt), and the one recipe (JUDGE_RECIPE) for both (tools/make_judge.py made the shipped)
 
 JUDGES = {"mnist": os.path.join(HERE, "tiny_data", "judge_mnist.pt"),
           "cifar10": os.path.join(HERE, "tiny_data", "judge_cifar10.pt")}
 
 
 def load_judge(name_or_path, device="cpu"):
-    """A shipped judge by name ("mnist", "cifar10": JUDGES) or a file from tools/make_judge.py: a
-    JudgeNet in eval mode with float32 weights on `device`. judge.info holds how it was made:
-    classes, image_shape (H, W, C), test_accuracy (single view), test_accuracy_flip, command,
-    data (fingerprint), epochs, seconds, machine, date."""
+    """A shipped judge by name (JUDGES) or a file from tools/make_judge.py: a JudgeNet in eval mode
+    with float32 weights on `device`; judge.info holds how it was made (classes, image_shape,
+    test_accuracy, test_accuracy_flip, command, data, epochs, seconds, machine, date)."""
     path = JUDGES.get(name_or_path, name_or_path)
     if not os.path.isfile(path):
         raise UserError(f"no judge file {path} (make one: python tools/make_judge.py --dataset "
@@ -1672,11 +1666,11 @@ def load_judge(name_or_path, device="cpu"):
 
 
 class JudgeNet(nn.Module):
-    """The shipped reference judge, shaped like the fast CIFAR-10 networks (Page's ResNet-9,
-    Jordan's airbench) without residual branches: a conv stem, then three groups of conv -> 2x2
-    max-pool -> conv with widths w, 4w, 4w, each conv followed by batch norm and GELU; a global max
-    pool gives the 4w-d features (128-d at w = 32: Inception's role for FID and precision/recall)
-    and a linear head the logits. (B, C, H, W) in [0, 1] -> features (B, 4w) -> logits (B, K)."""
+    """The reference judge, shaped like the fast CIFAR-10 networks (Page's ResNet-9, Jordan's
+    airbench) without residual branches: a conv stem, then three groups of conv -> 2x2 max-pool ->
+    conv with widths w, 4w, 4w, each conv followed by batch norm and GELU; a global max pool gives
+    the 4w-d features (128-d at w = 32: Inception's role for FID and precision/recall) and a
+    linear head the logits. (B, C, H, W) in [0, 1] -> features (B, 4w) -> logits (B, K)."""
 
     def __init__(self, channels, num_classes, width=32, stem=24):
         super().__init__()
@@ -1698,15 +1692,11 @@ def conv_bn_gelu(i, o):
     return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.GELU()]
 
 
-# Training a judge: the one recipe (JUDGE_RECIPE) for the shipped judges (tools/make_judge.py) and
-# a judge trained on a run's own data (--judge train, cached as classifier.pt)
-
 def train_judge(data, epochs=None, width=32, seed=0, device="cpu", hooks=Hooks(),
                 recipe=JUDGE_RECIPE, precision=None, name="judge"):
-    """A JudgeNet of `width` trained on data["x_train"] for `epochs` passes (None: the recipe's
-    for the images' channels) with JUDGE_RECIPE, then measured on x_test (single view). precision
-    None: bf16 where the hardware does bf16 math. Returns {"model": state dict (eval mode),
-    "history", "test_accuracy"}."""
+    """A JudgeNet of `width` trained on x_train for `epochs` passes (None: the recipe's for the
+    images' channels), then measured on x_test (single view). precision None: bf16 where the
+    hardware does bf16 math. Returns {"model": state dict, "history", "test_accuracy"}."""
     device = torch.device(device)
     X, Y = to_float(data["x_train"]), torch.from_numpy(data["y_train"])
     C = X.size(1)
@@ -1759,27 +1749,38 @@ def random_shift(x, pad):
 
 
 def bf16_is_fast(device):
-    """bf16 autocast where the hardware does bf16 math: CUDA, and CPUs with AVX-512 BF16 / AMX
-    (there about 3x faster for the judge's convolutions; elsewhere emulated, slower)."""
+    """CUDA, and CPUs with AVX-512 BF16 / AMX (there about 3x faster for the judge's convolutions;
+    elsewhere emulated, slower)."""
     if device.type == "cuda":
         return True
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return device.type == "cpu" and check is not None and check()
 
 
-# Which judge scores a run
-
 def judge_for(pipeline):
     """(classifier, name) for --judge: the shipped judge of this dataset (MNIST's for mnist and the
     tiny subset, CIFAR-10's for cifar10, an .npz of either name counting as that dataset), one
     trained on this run's training images (train; the default where none is shipped), or a judge
     file."""
-    dataset = dataset_name(pipeline.args.dataset)
+    dataset, settings = dataset_name(pipeline.args.dataset), pipeline.settings
     shipped = JUDGES.get("mnist" if dataset == "tiny" else dataset)
     shipped = shipped if shipped is not None and os.path.exists(shipped) else None
     choice = pipeline.args.judge or ("shipped" if shipped else "train")
     if choice == "train":
-        return judge_trained_here(pipeline)
+        made_with = {"data": pipeline.data_id, "seed": pipeline.seed,
+                     **pick(settings, ["judge_width", "judge_epochs", "precision"])}
+
+        def build(hooks):  # seed + 2: not the GPT's batches
+            return train_judge(pipeline.data, settings["judge_epochs"], settings["judge_width"],
+                               pipeline.seed + 2, pipeline.device, hooks,
+                               precision=settings["precision"], name="classifier")
+        ckpt = run_stage(pipeline, "classifier", "classifier.pt", made_with, build)
+        classifier = JudgeNet(pipeline.data["x_train"].shape[3], pipeline.K,
+                              settings["judge_width"])
+        classifier.load_state_dict(ckpt["model"])
+        pipeline.reports["judge_accuracy"] = ckpt["test_accuracy"]
+        print(f"[classifier] test accuracy {ckpt['test_accuracy']:.2%}")
+        return classifier.to(pipeline.device).eval(), "trained here (classifier.pt)"
     if choice == "shipped" and shipped is None:
         raise UserError(f"--judge shipped: there is no shipped judge for {dataset!r} (shipped: "
                         f"{', '.join(JUDGES)}); use --judge train or --judge path/to/judge.pt")
@@ -1799,26 +1800,8 @@ def judge_for(pipeline):
     return classifier, name
 
 
-def judge_trained_here(pipeline):
-    """--judge train: a JudgeNet trained on this run's training images, cached in --out."""
-    settings, data, device = pipeline.settings, pipeline.data, pipeline.device
-    made_with = {"data": pipeline.data_id, "seed": pipeline.seed,
-                 **pick(settings, ["judge_width", "judge_epochs", "precision"])}
-    build = functools.partial(train_judge, data, settings["judge_epochs"],
-                              settings["judge_width"], pipeline.seed + 2, device,
-                              precision=settings["precision"], name="classifier")  # seed + 2:
-    #                                                                     not the GPT's batches
-    ckpt = run_stage(pipeline, "classifier", "classifier.pt", made_with,
-                     lambda hooks: build(hooks=hooks))
-    classifier = JudgeNet(data["x_train"].shape[3], pipeline.K, settings["judge_width"])
-    classifier.load_state_dict(ckpt["model"])
-    pipeline.reports["judge_accuracy"] = ckpt["test_accuracy"]
-    print(f"[classifier] test accuracy {ckpt['test_accuracy']:.2%}")
-    return classifier.to(device).eval(), "trained here (classifier.pt)"
-
-
 def best_cfg_for(pipeline):
-    """The base model's CFG scale with the lowest FID among the sweep's scales (w > 1): read from
+    """The base model's CFG scale with the lowest FID among the sweep's scales (w > 1): from
     sweep.json when a sweep of this base model and judge is there, else a quick search with half
     the samples and one seed."""
     settings, judge, base = pipeline.settings, pipeline.judge, pipeline.models["base"]
@@ -1963,30 +1946,29 @@ def write_json(obj, path):
 
 
 def print_table(rows):
-    """The evaluation table, as Markdown (so README tables are this output, pasted)."""
+    """The evaluation table, as Markdown (README tables are this output, pasted): three decimals,
+    FID with three significant digits, ± the standard deviation over sets of samples when there is
+    one; seconds in scientific notation, the mean only."""
     cols = ["accuracy", "fid", "is", "precision", "recall", "sec_per_image"]
     print("| setting | " + " | ".join(cols) + " |")
     print("|---" + "|---:" * len(cols) + "|")
     for name, row in rows.items():
-        cells = [format_metric(col, row.get(col), row.get(f"{col}_std")) for col in cols]
+        cells = []
+        for col in cols:
+            value, std = row.get(col), row.get(f"{col}_std")
+            if value is None:
+                cells.append("-")
+            elif col == "sec_per_image":
+                cells.append(f"{value:.2e}")
+            elif col == "fid":
+                cells.append(f"{value:.3g}" + ("" if std is None else f" ± {std:.2g}"))
+            else:
+                cells.append(f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}"))
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def format_metric(col, value, std=None):
-    """Three decimals; FID with three significant digits; seconds in scientific notation (the
-    mean only); ± the standard deviation over sets of samples when there is one."""
-    if value is None:
-        return "-"
-    if col == "sec_per_image":
-        return f"{value:.2e}"
-    if col == "fid":
-        return f"{value:.3g}" + ("" if std is None else f" ± {std:.2g}")
-    return f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
-
-
 def warn_estimate(settings, grid, K, device):
-    """Time two pretraining steps of this size on this device and extrapolate, before committing
-    to hours."""
+    """Two pretraining steps of this size timed on this device, extrapolated, before hours go."""
     N = grid[0] * grid[1]
     model = GPT(GPTConfig(settings["codebook_size"], K, N, settings["n_layer"],
                           settings["n_head"], settings["n_embd"]))
@@ -1999,8 +1981,7 @@ def warn_estimate(settings, grid, K, device):
     sec = (time.perf_counter() - t0) / 2
     print(f"warning: a GPU-sized run on {device}: pretraining alone would take about "
           f"{sec * settings['steps'] / 3600:.1f} h here ({sec:.2f} s/step x {settings['steps']} "
-          f"steps). "
-          f"--preset cpu and cpu_rgb are sized for a CPU.", file=sys.stderr)
+          f"steps). --preset cpu and cpu_rgb are sized for a CPU.", file=sys.stderr)
 
 
 # The command line
@@ -2098,16 +2079,13 @@ def parse_args(argv=None):
     groups = {name: p.add_argument_group(name) for name in SETTING_FLAGS}
     for name, flags in SETTING_FLAGS.items():
         for flag, kind, text in flags:
-            key = flag.replace("-", "_")
-            help = f"{text} ({defaults_of(key)})"
+            typed = dict(type=kind)
             if kind is bool:
-                groups[name].add_argument(f"--{flag}", action=argparse.BooleanOptionalAction,
-                                          default=None, help=help)
+                typed = dict(action=argparse.BooleanOptionalAction)
             elif isinstance(kind, list):  # a list of values, or a choice of names
                 typed = dict(type=kind[0], nargs="+") if callable(kind[0]) else dict(choices=kind)
-                groups[name].add_argument(f"--{flag}", help=help, **typed)
-            else:
-                groups[name].add_argument(f"--{flag}", type=kind, help=help)
+            help = f"{text} ({defaults_of(flag.replace('-', '_'))})"
+            groups[name].add_argument(f"--{flag}", help=help, **typed)
     groups["CCA fine-tuning"].add_argument(
         "--cca", action=argparse.BooleanOptionalAction, default=True,
         help="fine-tune the pretrained model with CCA (or --loss) after pretraining")
