@@ -1130,8 +1130,7 @@ JUDGE_RECIPE = dict(batch=256, lr=0.2, momentum=0.9, weight_decay=5e-4, label_sm
 
 @dataclass
 class Pipeline:
-    """What the stages share: the flags, the settings, the device, the data and what it implies,
-    the output folder, and what the stages made on the way (the fields after `out`)."""
+    """What the stages share; the stages fill in the fields after `out`."""
     args: argparse.Namespace
     settings: dict
     device: torch.device
@@ -1159,8 +1158,8 @@ def pick(settings, keys):
 
 
 def setup(args):
-    """Device, settings, data and the output folder, in the order that says a mistake before any
-    download or write; with --pretrained, the reference checkpoints copied into the folder."""
+    """The Pipeline: device, settings, data, output folder; each mistake said before a download or
+    a write."""
     device = init_distributed(pick_device(args.device))
     if args.pretrained and args.dataset not in (None, "tiny"):
         raise UserError("--pretrained uses the checkpoints shipped in tiny_data/, made on the "
@@ -1233,8 +1232,7 @@ def chosen_preset(args, device):
 
 
 def image_channels(dataset):
-    """1 or 3 for --dataset without loading its images (the flags are checked before a load that
-    may download); None when an .npz cannot be read (load_dataset then says why)."""
+    """1 or 3 before any load (the flags are checked first); None: an unreadable .npz."""
     if dataset in (None, "tiny", "mnist"):
         return 1
     if dataset == "cifar10":
@@ -1264,8 +1262,7 @@ RULES = [  # (what a setting must be, the test, the settings; None, an unset opt
 
 
 def checked_settings(args, preset, device):
-    """The preset overridden by every flag given, then checked: the first rule broken is the
-    error."""
+    """The preset overridden by every flag given; the first rule broken is the error."""
     settings = {**COMMON, **PRESETS[preset]}
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
     settings["precision"] = resolve_precision(settings["precision"], device)
@@ -1486,8 +1483,7 @@ def tokenizer_report(tokenizer, x_uint8, device, batch=1000):
 
 
 def report_tokenizer(pipeline, tokenizer, history):
-    """The test-set scores (kept for metrics.json), the lowest share of the codes a training batch
-    used, and a reconstruction grid."""
+    """Test-set scores (for metrics.json), the training batches' lowest code usage, a figure."""
     data, device = pipeline.data, pipeline.device
     report = pipeline.reports["tokenizer"] = tokenizer_report(tokenizer, data["x_test"], device)
     print(f"[tokenizer] test MSE {report['mse']:.4f}, PSNR {report['psnr']:.2f} dB, codebook "
@@ -1581,10 +1577,7 @@ class Saves(Hooks):
     resume: bool
     start: int = 0
 
-    def wrap(self, model, find_unused_parameters=False):
-        """Under torchrun, DDP: gradients averaged across ranks during backward (state dicts and
-        the optimizer keep the bare model). find_unused_parameters: some steps leave parameters
-        out of the graph (the tokenizer's warm-up, its codebook)."""
+    def wrap(self, model, find_unused_parameters=False):  # the optimizer keeps the bare model
         if WORLD == 1:
             return model
         return nn.parallel.DistributedDataParallel(model,
@@ -1593,8 +1586,7 @@ class Saves(Hooks):
     def shard(self, batch):
         return shard(batch)
 
-    def average(self, stats):
-        """The mean over ranks of each number logged: the global batch's, as one process logs."""
+    def average(self, stats):  # the global batch's numbers, as one process would log them
         if WORLD == 1:
             return stats
         t = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
@@ -1737,8 +1729,7 @@ def train_judge(data, epochs=None, width=32, seed=0, device="cpu", hooks=Hooks()
 
 
 def random_shift(x, pad):
-    """(B, C, H, W) -> the same shape, each image shifted by its own offset in [-pad, pad]^2
-    (reflect padding)."""
+    """(B, C, H, W): each image shifted by its own offset in [-pad, pad]^2 (reflect padding)."""
     B, C, H, W = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dy, dx = torch.randint(0, 2 * pad + 1, (2, B))
@@ -1749,8 +1740,7 @@ def random_shift(x, pad):
 
 
 def bf16_is_fast(device):
-    """CUDA, and CPUs with AVX-512 BF16 / AMX (there about 3x faster for the judge's convolutions;
-    elsewhere emulated, slower)."""
+    """CUDA, and CPUs with AVX-512 BF16 / AMX (about 3x faster convolutions; elsewhere emulated)."""
     if device.type == "cuda":
         return True
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
@@ -1758,10 +1748,9 @@ def bf16_is_fast(device):
 
 
 def judge_for(pipeline):
-    """(classifier, name) for --judge: the shipped judge of this dataset (MNIST's for mnist and the
-    tiny subset, CIFAR-10's for cifar10, an .npz of either name counting as that dataset), one
-    trained on this run's training images (train; the default where none is shipped), or a judge
-    file."""
+    """(classifier, name) for --judge: shipped (MNIST's for mnist, the tiny subset and mnist.npz,
+    CIFAR-10's for cifar10), train (on this run's images; the default where none is shipped), or
+    a judge file."""
     dataset, settings = dataset_name(pipeline.args.dataset), pipeline.settings
     shipped = JUDGES.get("mnist" if dataset == "tiny" else dataset)
     shipped = shipped if shipped is not None and os.path.exists(shipped) else None
@@ -1801,9 +1790,8 @@ def judge_for(pipeline):
 
 
 def best_cfg_for(pipeline):
-    """The base model's CFG scale with the lowest FID among the sweep's scales (w > 1): from
-    sweep.json when a sweep of this base model and judge is there, else a quick search with half
-    the samples and one seed."""
+    """The base model's best CFG scale by FID among sweep_cfg's (w > 1): from this base and judge's
+    sweep.json if there is one, else a quick search with half the samples and one seed."""
     settings, judge, base = pipeline.settings, pipeline.judge, pipeline.models["base"]
     candidates = [w for w in settings["sweep_cfg"] if w > 1]
     if os.path.exists(pipeline.path("sweep.json")):
@@ -1946,25 +1934,25 @@ def write_json(obj, path):
 
 
 def print_table(rows):
-    """The evaluation table, as Markdown (README tables are this output, pasted): three decimals,
-    FID with three significant digits, ± the standard deviation over sets of samples when there is
-    one; seconds in scientific notation, the mean only."""
+    """The evaluation table, as Markdown (so README tables are this output, pasted)."""
     cols = ["accuracy", "fid", "is", "precision", "recall", "sec_per_image"]
     print("| setting | " + " | ".join(cols) + " |")
     print("|---" + "|---:" * len(cols) + "|")
     for name, row in rows.items():
-        cells = []
-        for col in cols:
-            value, std = row.get(col), row.get(f"{col}_std")
-            if value is None:
-                cells.append("-")
-            elif col == "sec_per_image":
-                cells.append(f"{value:.2e}")
-            elif col == "fid":
-                cells.append(f"{value:.3g}" + ("" if std is None else f" ± {std:.2g}"))
-            else:
-                cells.append(f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}"))
+        cells = [format_metric(col, row.get(col), row.get(f"{col}_std")) for col in cols]
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def format_metric(col, value, std=None):
+    """Three decimals; FID with three significant digits; seconds in scientific notation (the
+    mean only); ± the standard deviation over sets of samples when there is one."""
+    if value is None:
+        return "-"
+    if col == "sec_per_image":
+        return f"{value:.2e}"
+    if col == "fid":
+        return f"{value:.3g}" + ("" if std is None else f" ± {std:.2g}")
+    return f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
 
 
 def warn_estimate(settings, grid, K, device):
