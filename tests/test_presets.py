@@ -39,7 +39,7 @@ def test_the_default_preset_follows_the_device_and_the_images():
     assert minicca.default_preset(CUDA, 3) == "gpu" and minicca.default_preset(CUDA, 1) == "gpu"
     assert [minicca.image_channels(d) for d in [None, "mnist", "cifar10"]] == [1, 1, 3]
     run = argparse.Namespace(preset=None, dataset="cifar10")
-    assert minicca.chosen_preset(run, CPU) == "cpu_rgb"  # what setup() and bench() pick
+    assert minicca.chosen_preset(run, CPU) == "cpu_rgb"  # what setup() and tools/bench.py pick
     assert minicca.chosen_preset(argparse.Namespace(preset="micro", dataset="cifar10"), CPU) == "micro"
 
 
