@@ -10,7 +10,7 @@ does the whole job on MNIST / CIFAR-10 / your own .npz, top to bottom like the p
 
 Sections 1-7 take plain values (settings, seed, device); section 8 is where the command line meets
 them. Below the "Plumbing" banner is what a reader can skip: the porting kit (docs/porting.md),
-validation, checkpoints, torchrun, judges, figures, the benchmark, the CLI. Cut on purpose:
+validation, checkpoints, torchrun, judges, figures, the CLI (the benchmark: tools/). Cut on purpose:
 perceptual/GAN tokenizer losses, 2D/rotary positions, VAR, Inception FID (see README.md).
 """
 import argparse
@@ -1001,7 +1001,7 @@ def stage_eval(pipeline):
 # =================================================================================================
 # Plumbing: nothing below is needed to understand CCA. Settings validation, torchrun, reports,
 # checkpoints and resume, the reference judges (loading, training, choosing), figures and files,
-# the benchmark, the command line.
+# the command line. The speed benchmark is a script of its own: tools/bench.py.
 # =================================================================================================
 
 # Porting kit: with section 5 and sequence_logprob, all that CCA needs in another codebase (torch
@@ -1132,14 +1132,17 @@ JUDGE_RECIPE = dict(batch=256, lr=0.2, momentum=0.9, weight_decay=5e-4, label_sm
 
 @dataclass
 class Pipeline:
-    """What the stages share: the flags, the settings, the device, the data, the output folder,
-    and what the stages made on the way (the stages fill in the fields after `data_id`)."""
+    """What the stages share; the stages fill in the fields after `out`."""
     args: argparse.Namespace
     settings: dict
     device: torch.device
     data: dict
-    out: str
     data_id: str                  # fingerprint(data): the tokenizer records it
+    seed: int
+    K: int                        # classes
+    grid: tuple                   # the token grid (h, w)
+    y_train: torch.Tensor
+    out: str
     reports: dict = field(default_factory=dict)  # what the stages measured (tokenizer, judge)
     models: dict = field(default_factory=dict)   # {"base": GPT, "cca" (or --loss): GPT}
     tokenizer: nn.Module = None
@@ -1151,59 +1154,59 @@ class Pipeline:
     def path(self, file):
         return os.path.join(self.out, file)
 
-    @property
-    def seed(self):
-        return self.args.seed
-
-    @property
-    def K(self):
-        return len(self.data["classes"])
-
-    @property
-    def grid(self):
-        """The token grid (h, w): 4x downsampling."""
-        H, W = self.data["x_train"].shape[1:3]
-        return H // 4, W // 4
-
-    @property
-    def y_train(self):
-        return torch.from_numpy(self.data["y_train"])
-
 
 def pick(settings, keys):
     return {k: settings[k] for k in keys}
 
 
 def setup(args):
-    """Device, settings, data and the output folder; the reference checkpoints with --pretrained."""
+    """The Pipeline: device, settings, data, output folder; each mistake said before a download or
+    a write."""
     device = init_distributed(pick_device(args.device))
-    check_pretrained(args)
-    preset = chosen_preset(args, device)
-    settings = checked_settings(args, preset, device)  # before the data: a bad flag is said
-    data = load_dataset_rank0_first(args)               # before a download
+    if args.pretrained and args.dataset not in (None, "tiny"):
+        raise UserError("--pretrained uses the checkpoints shipped in tiny_data/, made on the "
+                        "default dataset: drop --dataset")
+    if args.pretrained and not os.path.isdir(PRETRAINED):
+        raise UserError(f"no reference checkpoints in {PRETRAINED}: see tiny_data/README.md to "
+                        f"make them")
+    # the reference checkpoints were made with the cpu preset
+    preset = "cpu" if args.pretrained and not args.preset else chosen_preset(args, device)
+    settings = checked_settings(args, preset, device)
+    if RANK > 0:  # under torchrun rank 0 loads (and downloads) first, the others read its files
+        from_rank0()
+    data = load_dataset(args.dataset, args.data_root)
+    if RANK == 0:
+        from_rank0()
     name = dataset_name(args.dataset)
     out = args.out or os.path.join("runs", name)
-    make_writable_folder(out)
-    if args.pretrained:
-        copy_pretrained(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test{RANK}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {out} is not a writable folder ({e.strerror})")
+    if args.pretrained and RANK == 0:
+        import shutil
+        for file in sorted(os.listdir(PRETRAINED)):  # checkpoints already in --out are kept
+            if not os.path.exists(os.path.join(out, file)):
+                shutil.copy(os.path.join(PRETRAINED, file), out)
+    from_rank0()  # the others wait for rank 0's copies
     (H, W, C), K = data["x_train"].shape[1:], len(data["classes"])
+    grid = (H // 4, W // 4)  # the token grid: 4x downsampling
     ddp_note = (f"; {WORLD} processes (DDP), global batch {settings['batch_size']}"
                 if WORLD > 1 else "")
     print(f"minicca: {name}: {len(data['x_train'])} train / {len(data['x_test'])} test images "
           f"{H}x{W}x{C}, {K} classes; device {device}; preset {preset}; out {out}{ddp_note}")
     if device.type == "cpu" and settings["n_embd"] >= 384:
-        warn_estimate(settings, (H // 4, W // 4), K, device)
-    return Pipeline(args, settings, device, data, out, fingerprint(data))
+        warn_estimate(settings, grid, K, device)
+    return Pipeline(args, settings, device, data, fingerprint(data), args.seed, K, grid,
+                    torch.from_numpy(data["y_train"]), out)
 
 
-REDO = {  # --retrain X redoes these stages
-    "tokenizer": ["tokenizer", "tokens", "pretrain", "cca"],
-    "tokens": ["tokens", "pretrain", "cca"],
-    "pretrain": ["pretrain", "cca"],
-    "cca": ["cca"],
-    "classifier": ["classifier"],
-    "all": ["tokenizer", "tokens", "pretrain", "cca", "classifier"],
-}
+STAGES = ["tokenizer", "tokens", "pretrain", "cca"]  # --retrain X redoes X and the stages after it
+REDO = {**{stage: STAGES[i:] for i, stage in enumerate(STAGES)},
+        "classifier": ["classifier"], "all": STAGES + ["classifier"]}
 
 
 def pick_device(name):
@@ -1220,23 +1223,18 @@ def pick_device(name):
 
 
 def default_preset(device, channels):
-    """The preset a run gets without --preset: gpu on a GPU; on a CPU, cpu_rgb for RGB images
-    (CIFAR-10's 32x32x3: 64 tokens, a larger model and tokenizer, under an hour) and cpu for the
-    rest (MNIST-sized grayscale: minutes)."""
+    """gpu on a GPU; on a CPU, cpu_rgb for RGB images (CIFAR-10: under an hour), else cpu."""
     if device.type != "cpu":
         return "gpu"
     return "cpu_rgb" if channels == 3 else "cpu"
 
 
 def chosen_preset(args, device):
-    """--preset when given, else the default for the device and --dataset's images."""
     return args.preset or default_preset(device, image_channels(args.dataset))
 
 
 def image_channels(dataset):
-    """1 or 3 for --dataset without loading its images (the preset depends on it, and the flags
-    are checked before a load that may download); None when an .npz cannot be read (load_dataset
-    then says why)."""
+    """1 or 3 before any load (the flags are checked first); None: an unreadable .npz."""
     if dataset in (None, "tiny", "mnist"):
         return 1
     if dataset == "cifar10":
@@ -1252,47 +1250,34 @@ def image_channels(dataset):
     return shape[3] if len(shape) == 4 else 1
 
 
+RULES = [  # (what a setting must be, the test, the settings; None, an unset option, passes)
+    ("> 0", lambda v: v > 0, ["beta", "batch_size", "steps", "vq_steps", "vq_batch", "cca_epochs",
+                              "judge_epochs", "eval_samples", "eval_seeds", "samples_per_class",
+                              "lr", "cca_lr", "n_layer", "n_embd", "n_head"]),
+    (">= 0", lambda v: v >= 0, ["lam", "cfg", "temperature", "seed"]),
+    (">= 0 (0: never)", lambda v: v >= 0, ["save_every"]),
+    (">= 1", lambda v: v >= 1, ["top_k"]),
+    (">= 2", lambda v: v >= 2, ["codebook_size"]),
+    ("in [0, 1)", lambda v: 0 <= v < 1, ["uncond_ratio", "cond_dropout", "dropout"]),
+    ("in (0, 1]", lambda v: 0 < v <= 1, ["top_p"]),
+]
+
+
 def checked_settings(args, preset, device):
-    """The preset overridden by every flag given, then checked: one line per rule, the first one
-    broken is the error."""
+    """The preset overridden by every flag given; the first rule broken is the error."""
     settings = {**COMMON, **PRESETS[preset]}
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
     settings["precision"] = resolve_precision(settings["precision"], device)
-    checks = [
-        ("beta", settings["beta"] > 0, "> 0"),
-        ("lam", settings["lam"] >= 0, ">= 0"),
-        ("uncond-ratio", 0 <= settings["uncond_ratio"] < 1, "in [0, 1)"),
-        ("cfg", settings["cfg"] >= 0, ">= 0"),
-        ("temperature", settings["temperature"] >= 0, ">= 0"),
-        ("top-p", settings["top_p"] is None or 0 < settings["top_p"] <= 1, "in (0, 1]"),
-        ("top-k", settings["top_k"] is None or settings["top_k"] >= 1, ">= 1"),
-        ("cond-dropout", 0 <= settings["cond_dropout"] < 1, "in [0, 1)"),
-        ("batch-size", settings["batch_size"] > 0, "> 0"),
-        ("steps", settings["steps"] > 0, "> 0"),
-        ("vq-steps", settings["vq_steps"] > 0, "> 0"),
-        ("vq-batch", settings["vq_batch"] > 0, "> 0"),
-        ("cca-epochs", settings["cca_epochs"] > 0, "> 0"),
-        ("judge-epochs", settings["judge_epochs"] is None or settings["judge_epochs"] > 0, "> 0"),
-        ("eval-samples", settings["eval_samples"] > 0, "> 0"),
-        ("eval-seeds", settings["eval_seeds"] > 0, "> 0"),
-        ("samples-per-class", settings["samples_per_class"] > 0, "> 0"),
-        ("lr", settings["lr"] > 0, "> 0"),
-        ("cca-lr", settings["cca_lr"] > 0, "> 0"),
-        ("n-layer", settings["n_layer"] > 0, "> 0"),
-        ("n-embd", settings["n_embd"] > 0, "> 0"),
-        ("n-head", settings["n_head"] > 0, "> 0"),
-        ("n-embd", settings["n_embd"] % max(settings["n_head"], 1) == 0, "a multiple of --n-head"),
-        ("dropout", 0 <= settings["dropout"] < 1, "in [0, 1)"),
-        ("codebook-size", settings["codebook_size"] >= 2, ">= 2"),
-        ("seed", args.seed >= 0, ">= 0"),
-        ("save-every", args.save_every >= 0, ">= 0 (0: never)"),
-        ("batch-size", settings["batch_size"] % WORLD == 0, f"a multiple of the {WORLD} processes"),
-    ]
-    for flag, ok, what in checks:
-        if not ok:
-            key = flag.replace("-", "_")
-            value = settings[key] if key in settings else getattr(args, key)
-            raise UserError(f"--{flag} must be {what}, got {value}")
+    values = {**settings, "seed": args.seed, "save_every": args.save_every}
+    for what, test, keys in RULES:
+        for key in keys:
+            if values[key] is not None and not test(values[key]):
+                raise UserError(f"--{key.replace('_', '-')} must be {what}, got {values[key]}")
+    if settings["n_embd"] % settings["n_head"]:
+        raise UserError(f"--n-embd must be a multiple of --n-head, got {settings['n_embd']}")
+    if settings["batch_size"] % WORLD:
+        raise UserError(f"--batch-size must be a multiple of the {WORLD} processes, got "
+                        f"{settings['batch_size']}")
     return settings
 
 
@@ -1316,12 +1301,10 @@ def validate_arrays(arrays, source):
         raise UserError(f"{source}: train images {out['x_train'].shape[1:]} and test images "
                         f"{out['x_test'].shape[1:]} differ in shape")
     top = int(max(out["y_train"].max(), out["y_test"].max()))
-    if "classes" in arrays and np.asarray(arrays["classes"]).ndim != 1:
+    names = np.asarray(arrays.get("classes", range(top + 1)))  # by default, the labels
+    if names.ndim != 1:
         raise UserError(f"{source}: classes must be a 1-D array of class names")
-    if "classes" in arrays:
-        classes = [str(c) for c in arrays["classes"]]
-    else:
-        classes = [str(i) for i in range(top + 1)]
+    classes = [str(c) for c in names]
     low = int(min(out["y_train"].min(), out["y_test"].min()))
     if low < 0 or top >= len(classes):
         raise UserError(f"{source}: labels must lie in 0..{len(classes) - 1}, found {low}..{top}")
@@ -1374,19 +1357,18 @@ def _load_torchvision(kind, root):
     hint = (f"{kind} is not under --data-root {root!r} and could not be downloaded. Place the "
             f"files there (torchvision layout, e.g. {os.path.join(root, kind, 'raw')}) or pass "
             f"--dataset path/to/data.npz")
-    splits = {}
-    for train in (True, False):
+    out = {}
+    for split in ("train", "test"):
         try:
-            ds = cls(root, train=train, download=False)
+            ds = cls(root, train=split == "train", download=False)
         except Exception:  # not there: try to download it, as torchvision users expect
             try:
-                ds = cls(root, train=train, download=True)
+                ds = cls(root, train=split == "train", download=True)
             except Exception as e:
                 first_line = str(e).splitlines()[0][:120] if str(e) else ""
                 raise UserError(f"{hint} ({type(e).__name__}: {first_line})")
-        splits["train" if train else "test"] = (np.asarray(ds.data), np.asarray(ds.targets))
-    return {"x_train": splits["train"][0], "y_train": splits["train"][1],
-            "x_test": splits["test"][0], "y_test": splits["test"][1], "classes": list(ds.classes)}
+        out[f"x_{split}"], out[f"y_{split}"] = np.asarray(ds.data), np.asarray(ds.targets)
+    return {**out, "classes": list(ds.classes)}
 
 
 def fingerprint(data):
@@ -1399,57 +1381,11 @@ def fingerprint(data):
     return f"{len(data['x_train'])}+{len(data['x_test'])}x{shape}:{h.hexdigest()[:10]}"
 
 
-def check_pretrained(args):
-    """--pretrained: the shipped checkpoints exist and fit the run (default data, cpu preset)."""
-    if not args.pretrained:
-        return
-    if args.dataset not in (None, "tiny"):
-        raise UserError("--pretrained uses the checkpoints shipped in tiny_data/, made on the "
-                        "default dataset: drop --dataset")
-    if not os.path.isdir(PRETRAINED):
-        raise UserError(f"no reference checkpoints in {PRETRAINED}: see tiny_data/README.md to "
-                        f"make them")
-    if args.preset is None:
-        args.preset = "cpu"  # the reference checkpoints were made with the cpu preset
-
-
-def load_dataset_rank0_first(args):
-    """load_dataset; under torchrun rank 0 loads first (and downloads, if it must), then the
-    others read what it wrote."""
-    if RANK > 0:
-        from_rank0()
-    data = load_dataset(args.dataset, args.data_root)
-    if RANK == 0:
-        from_rank0()
-    return data
-
-
 def dataset_name(dataset):
     """'tiny', 'mnist', 'cifar10', or an .npz file's name without folder and extension."""
     if dataset in (None, "tiny"):
         return "tiny"
     return os.path.splitext(os.path.basename(dataset))[0]
-
-
-def make_writable_folder(out):
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test{RANK}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {out} is not a writable folder ({e.strerror})")
-
-
-def copy_pretrained(out):
-    """--pretrained: the shipped checkpoints into --out (those already there are kept)."""
-    if RANK == 0:
-        import shutil
-        for f in sorted(os.listdir(PRETRAINED)):
-            if not os.path.exists(os.path.join(out, f)):
-                shutil.copy(os.path.join(PRETRAINED, f), os.path.join(out, f))
-    from_rank0()  # the others wait for the copies
 
 
 # Several processes (`torchrun --nproc_per_node=N minicca.py ...`). With one process RANK = 0,
@@ -1483,29 +1419,8 @@ def init_distributed(device):
 
 def shard(batch):
     """This rank's rows of a global batch: RANK, RANK + WORLD, ... (the split of torch's
-    DistributedSampler with DataLoader(batch_size=B / WORLD)), kept a pure function of
-    (seed, step) for --resume."""
+    DistributedSampler), kept a pure function of (seed, step) for --resume."""
     return batch[RANK::WORLD]
-
-
-def ddp(model, find_unused_parameters=False):
-    """The model as a training step calls it: DistributedDataParallel averages gradients across
-    ranks during backward. State dicts and the optimizer keep using the bare model.
-    find_unused_parameters: some steps leave parameters out of the graph (the tokenizer's
-    warm-up, its codebook)."""
-    if WORLD == 1:
-        return model
-    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
-
-
-def across_ranks(stats, device):
-    """Average a dict of floats over ranks: the global batch's loss, the number one process would
-    log."""
-    if WORLD == 1:
-        return stats
-    t = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return dict(zip(stats, (t / WORLD).tolist()))
 
 
 def from_rank0(obj=None):
@@ -1570,8 +1485,7 @@ def tokenizer_report(tokenizer, x_uint8, device, batch=1000):
 
 
 def report_tokenizer(pipeline, tokenizer, history):
-    """The tokenizer's test-set scores (kept for metrics.json), the lowest share of the codes a
-    training batch used, and a reconstruction grid."""
+    """Test-set scores (for metrics.json), the training batches' lowest code usage, a figure."""
     data, device = pipeline.data, pipeline.device
     report = pipeline.reports["tokenizer"] = tokenizer_report(tokenizer, data["x_test"], device)
     print(f"[tokenizer] test MSE {report['mse']:.4f}, PSNR {report['psnr']:.2f} dB, codebook "
@@ -1602,8 +1516,7 @@ def report_pretrain(pipeline, base):
 
 @rank0_only
 def save_checkpoint(obj, path):
-    """Atomic: write a temporary file, then rename, so a kill at any moment leaves the last good
-    file."""
+    """Atomic: a temporary file, then a rename: a kill at any moment leaves the last good file."""
     tmp = path + ".tmp"
     try:
         torch.save(obj, tmp)
@@ -1624,12 +1537,11 @@ def load_checkpoint(path, device="cpu", stage="all"):
     return ckpt
 
 
-def check_made_with(path, saved, wanted, stage, fix=None):
+def check_made_with(path, saved, wanted, fix):
     """A checkpoint made with other settings is an error naming each difference and the fix."""
     keys = sorted(set(saved) | set(wanted))
     diff = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in keys
             if saved.get(k) != wanted.get(k)]
-    fix = fix or f"pass --retrain {stage} to redo it, or use another --out"
     if diff:
         raise UserError(f"{path} was made with other settings ({'; '.join(diff)}): {fix}")
 
@@ -1640,7 +1552,8 @@ def run_stage(pipeline, name, file, made_with, build):
     path, args, device = pipeline.path(file), pipeline.args, pipeline.device
     if os.path.exists(path) and name not in args.redo:
         ckpt = load_checkpoint(path, device, name)
-        check_made_with(path, ckpt.get("config", {}), made_with, name)
+        check_made_with(path, ckpt.get("config", {}), made_with,
+                        f"pass --retrain {name} to redo it, or use another --out")
         print(f"[{name}] up to date: {path}")
         return ckpt
     torch.manual_seed(args.seed)
@@ -1655,26 +1568,32 @@ def run_stage(pipeline, name, file, made_with, build):
     return ckpt
 
 
+@dataclass
 class Saves(Hooks):
     """train_loop's Hooks for the command line: the resumable checkpoint of one stage, `partial`
     (weights, optimizer, step, history and the settings it was made with), and torchrun."""
+    partial: str
+    made_with: dict
+    device: torch.device
+    save_every: int
+    resume: bool
+    start: int = 0
 
-    def __init__(self, partial, made_with, device, save_every, resume):
-        self.partial = partial
-        self.made_with = made_with
-        self.device = device
-        self.save_every = save_every
-        self.resume = resume
-        self.start = 0
-
-    def wrap(self, model, find_unused_parameters=False):
-        return ddp(model, find_unused_parameters)
+    def wrap(self, model, find_unused_parameters=False):  # the optimizer keeps the bare model
+        if WORLD == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(model,
+                                                   find_unused_parameters=find_unused_parameters)
 
     def shard(self, batch):
         return shard(batch)
 
-    def average(self, stats):
-        return across_ranks(stats, self.device)
+    def average(self, stats):  # the global batch's numbers, as one process would log them
+        if WORLD == 1:
+            return stats
+        t = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return dict(zip(stats, (t / WORLD).tolist()))
 
     def restore(self, name, model, optimizer, num_steps):
         """(first step, history so far): from `partial` with --resume, else (0, [])."""
@@ -1685,7 +1604,7 @@ class Saves(Hooks):
                   f"continue it. Starting over.")
             return 0, []
         state = load_checkpoint(self.partial, self.device, name)
-        check_made_with(self.partial, state["config"], self.made_with, name,
+        check_made_with(self.partial, state["config"], self.made_with,
                         "run without --resume to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -1716,23 +1635,23 @@ class Saves(Hooks):
                            f"{self.partial}: rerun the same command with --resume to continue")
 
 
-# The shipped reference judges
+# The reference judges: the shipped ones, one trained on a run's own data (--judge train, cached as
+# classifier.pt), and the one recipe (JUDGE_RECIPE) for both (tools/make_judge.py made the shipped)
 
 JUDGES = {"mnist": os.path.join(HERE, "tiny_data", "judge_mnist.pt"),
           "cifar10": os.path.join(HERE, "tiny_data", "judge_cifar10.pt")}
 
 
 def load_judge(name_or_path, device="cpu"):
-    """A shipped judge by name ("mnist", "cifar10": JUDGES) or a file from tools/make_judge.py: a
-    JudgeNet in eval mode with float32 weights on `device`. judge.info holds how it was made:
-    classes, image_shape (H, W, C), test_accuracy (single view), test_accuracy_flip, command,
-    data (fingerprint), epochs, seconds, machine, date."""
+    """A shipped judge by name (JUDGES) or a file from tools/make_judge.py: a JudgeNet in eval mode
+    with float32 weights on `device`; judge.info holds how it was made (classes, image_shape,
+    test_accuracy, test_accuracy_flip, command, data, epochs, seconds, machine, date)."""
     path = JUDGES.get(name_or_path, name_or_path)
     if not os.path.isfile(path):
         raise UserError(f"no judge file {path} (make one: python tools/make_judge.py --dataset "
                         f"...)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    judge = JudgeNet(**ckpt["config"])
+    judge = JudgeNet(**ckpt["judge_config"])
     judge.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in ckpt["model"].items()})
     judge.info = ckpt["info"]
@@ -1741,11 +1660,11 @@ def load_judge(name_or_path, device="cpu"):
 
 
 class JudgeNet(nn.Module):
-    """The shipped reference judge, shaped like the fast CIFAR-10 networks (Page's ResNet-9,
-    Jordan's airbench) without residual branches: a conv stem, then three groups of conv -> 2x2
-    max-pool -> conv with widths w, 4w, 4w, each conv followed by batch norm and GELU; a global max
-    pool gives the 4w-d features (128-d at w = 32: Inception's role for FID and precision/recall)
-    and a linear head the logits. (B, C, H, W) in [0, 1] -> features (B, 4w) -> logits (B, K)."""
+    """The reference judge, shaped like the fast CIFAR-10 networks (Page's ResNet-9, Jordan's
+    airbench) without residual branches: a conv stem, then three groups of conv -> 2x2 max-pool ->
+    conv with widths w, 4w, 4w, each conv followed by batch norm and GELU; a global max pool gives
+    the 4w-d features (128-d at w = 32: Inception's role for FID and precision/recall) and a
+    linear head the logits. (B, C, H, W) in [0, 1] -> features (B, 4w) -> logits (B, K)."""
 
     def __init__(self, channels, num_classes, width=32, stem=24):
         super().__init__()
@@ -1767,15 +1686,11 @@ def conv_bn_gelu(i, o):
     return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.GELU()]
 
 
-# Training a judge: the one recipe (JUDGE_RECIPE) for the shipped judges (tools/make_judge.py) and
-# a judge trained on a run's own data (--judge train, cached as classifier.pt)
-
 def train_judge(data, epochs=None, width=32, seed=0, device="cpu", hooks=Hooks(),
                 recipe=JUDGE_RECIPE, precision=None, name="judge"):
-    """A JudgeNet of `width` trained on data["x_train"] for `epochs` passes (None: the recipe's
-    for the images' channels) with JUDGE_RECIPE, then measured on x_test (single view). precision
-    None: bf16 where the hardware does bf16 math. Returns {"model": state dict (eval mode),
-    "history", "test_accuracy"}."""
+    """A JudgeNet of `width` trained on x_train for `epochs` passes (None: the recipe's for the
+    images' channels), then measured on x_test (single view). precision None: bf16 where the
+    hardware does bf16 math. Returns {"model": state dict, "history", "test_accuracy"}."""
     device = torch.device(device)
     X, Y = to_float(data["x_train"]), torch.from_numpy(data["y_train"])
     C = X.size(1)
@@ -1816,8 +1731,7 @@ def train_judge(data, epochs=None, width=32, seed=0, device="cpu", hooks=Hooks()
 
 
 def random_shift(x, pad):
-    """(B, C, H, W) -> the same shape, each image shifted by its own offset in [-pad, pad]^2
-    (reflect padding)."""
+    """(B, C, H, W): each image shifted by its own offset in [-pad, pad]^2 (reflect padding)."""
     B, C, H, W = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dy, dx = torch.randint(0, 2 * pad + 1, (2, B))
@@ -1828,27 +1742,47 @@ def random_shift(x, pad):
 
 
 def bf16_is_fast(device):
-    """bf16 autocast where the hardware does bf16 math: CUDA, and CPUs with AVX-512 BF16 / AMX
-    (there about 3x faster for the judge's convolutions; elsewhere emulated, slower)."""
+    """CUDA, and CPUs with AVX-512 BF16 / AMX (about 3x faster convolutions; elsewhere emulated)."""
     if device.type == "cuda":
         return True
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return device.type == "cpu" and check is not None and check()
 
 
-# Which judge scores a run
-
 def judge_for(pipeline):
-    """(classifier, name) for --judge: the shipped judge of this dataset, one trained on this
-    run's training images (train; the default where none is shipped), or a judge file."""
-    choice = pipeline.args.judge or ("shipped" if shipped_judge(pipeline) else "train")
+    """(classifier, name) for --judge: shipped (MNIST's for mnist, the tiny subset and mnist.npz,
+    CIFAR-10's for cifar10), train (on this run's images; the default where none is shipped), or
+    a judge file."""
+    dataset, settings = dataset_name(pipeline.args.dataset), pipeline.settings
+    shipped = JUDGES.get("mnist" if dataset == "tiny" else dataset)
+    shipped = shipped if shipped is not None and os.path.exists(shipped) else None
+    choice = pipeline.args.judge or ("shipped" if shipped else "train")
     if choice == "train":
-        return judge_trained_here(pipeline)
-    path = choice if choice != "shipped" else shipped_judge(pipeline) or no_shipped_judge(pipeline)
+        made_with = {"data": pipeline.data_id, "seed": pipeline.seed,
+                     **pick(settings, ["judge_width", "judge_epochs", "precision"])}
+
+        def build(hooks):  # seed + 2: not the GPT's batches
+            return train_judge(pipeline.data, settings["judge_epochs"], settings["judge_width"],
+                               pipeline.seed + 2, pipeline.device, hooks,
+                               precision=settings["precision"], name="classifier")
+        ckpt = run_stage(pipeline, "classifier", "classifier.pt", made_with, build)
+        classifier = JudgeNet(pipeline.data["x_train"].shape[3], pipeline.K,
+                              settings["judge_width"])
+        classifier.load_state_dict(ckpt["model"])
+        pipeline.reports["judge_accuracy"] = ckpt["test_accuracy"]
+        print(f"[classifier] test accuracy {ckpt['test_accuracy']:.2%}")
+        return classifier.to(pipeline.device).eval(), "trained here (classifier.pt)"
+    if choice == "shipped" and shipped is None:
+        raise UserError(f"--judge shipped: there is no shipped judge for {dataset!r} (shipped: "
+                        f"{', '.join(JUDGES)}); use --judge train or --judge path/to/judge.pt")
+    path = shipped if choice == "shipped" else choice
     classifier = load_judge(path, pipeline.device)
-    check_judge_fits(classifier, pipeline.data, path)
+    info, shape = classifier.info, tuple(pipeline.data["x_train"].shape[1:])
+    if (tuple(info["image_shape"]), len(info["classes"])) != (shape, pipeline.K):
+        raise UserError(f"the judge {path} was made for {len(info['classes'])} classes of "
+                        f"{tuple(info['image_shape'])} images, this data has {pipeline.K} classes "
+                        f"of {shape} images: use --judge train")
     name = os.path.relpath(path, HERE) if path.startswith(HERE) else path
-    info = classifier.info
     accuracy = info["test_accuracy_flip" if classifier.flip_average else "test_accuracy"]
     pipeline.reports["judge_accuracy"] = accuracy
     views = " with flip averaging" if classifier.flip_average else ""
@@ -1857,28 +1791,9 @@ def judge_for(pipeline):
     return classifier, name
 
 
-def judge_trained_here(pipeline):
-    """--judge train: a JudgeNet trained on this run's training images, cached in --out."""
-    settings, data, device = pipeline.settings, pipeline.data, pipeline.device
-    made_with = {"data": pipeline.data_id, "seed": pipeline.seed,
-                 **pick(settings, ["judge_width", "judge_epochs", "precision"])}
-    build = functools.partial(train_judge, data, settings["judge_epochs"],
-                              settings["judge_width"], pipeline.seed + 2, device,
-                              precision=settings["precision"], name="classifier")  # seed + 2:
-    #                                                                     not the GPT's batches
-    ckpt = run_stage(pipeline, "classifier", "classifier.pt", made_with,
-                     lambda hooks: build(hooks=hooks))
-    classifier = JudgeNet(data["x_train"].shape[3], pipeline.K, settings["judge_width"])
-    classifier.load_state_dict(ckpt["model"])
-    pipeline.reports["judge_accuracy"] = ckpt["test_accuracy"]
-    print(f"[classifier] test accuracy {ckpt['test_accuracy']:.2%}")
-    return classifier.to(device).eval(), "trained here (classifier.pt)"
-
-
 def best_cfg_for(pipeline):
-    """The base model's CFG scale with the lowest FID among the sweep's scales (w > 1): read from
-    sweep.json when a sweep of this base model and judge is there, else a quick search with half
-    the samples and one seed."""
+    """The base model's best CFG scale by FID among sweep_cfg's (w > 1): from this base and judge's
+    sweep.json if there is one, else a quick search with half the samples and one seed."""
     settings, judge, base = pipeline.settings, pipeline.judge, pipeline.models["base"]
     candidates = [w for w in settings["sweep_cfg"] if w > 1]
     if os.path.exists(pipeline.path("sweep.json")):
@@ -1893,30 +1808,6 @@ def best_cfg_for(pipeline):
     print(f"[eval] best CFG scale by FID ({n} samples): w = {w:g} ("
           + ", ".join(f"{c:g}: {fid:.3g}" for c, fid in fids.items()) + ")")
     return w
-
-
-def shipped_judge(pipeline):
-    """The shipped judge's file for this run's data, or None: MNIST's for mnist and the tiny subset,
-    CIFAR-10's for cifar10 (an .npz named mnist.npz or cifar10.npz counts as that dataset)."""
-    name = dataset_name(pipeline.args.dataset)
-    path = JUDGES.get("mnist" if name == "tiny" else name)
-    return path if path is not None and os.path.exists(path) else None
-
-
-def no_shipped_judge(pipeline):
-    raise UserError(f"--judge shipped: there is no shipped judge for "
-                    f"{dataset_name(pipeline.args.dataset)!r} (shipped: {', '.join(JUDGES)}); use "
-                    f"--judge train or --judge path/to/judge.pt")
-
-
-def check_judge_fits(judge, data, path):
-    """A judge scores images of its own shape and classes only."""
-    shape = tuple(data["x_train"].shape[1:])
-    wanted = (tuple(judge.info["image_shape"]), len(judge.info["classes"]))
-    if wanted != (shape, len(data["classes"])):
-        raise UserError(f"the judge {path} was made for {wanted[1]} classes of {wanted[0]} images, "
-                        f"this data has {len(data['classes'])} classes of {shape} images: use "
-                        f"--judge train")
 
 
 # The pipeline's figures and the sweep
@@ -2066,177 +1957,8 @@ def format_metric(col, value, std=None):
     return f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
 
 
-# The benchmark: speed claims measured side by side in one run (ratios, not timed tests)
-
-def timed(fn, device, repeat=3):
-    """Mean seconds per call after one warm-up call; CUDA events and a synchronise on a GPU."""
-    fn()
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(repeat):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000 / repeat
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t0) / repeat
-
-
-def peak_memory(fn, device):
-    """Peak bytes fn() adds: CUDA allocator statistics on a GPU; on Linux CPUs the growth of peak
-    resident memory (VmHWM, reset through /proc/self/clear_refs); None where neither exists."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak to the current resident size
-        base = status("VmRSS:")
-        fn()
-        return status("VmHWM:") - base
-    except (OSError, StopIteration):
-        return None
-
-
-def bench(args):
-    """Guidance-free vs CFG sampling, KV cache vs recompute, pretraining vs CCA steps, for the
-    preset's model (random weights: speed does not depend on them)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError("bench measures one process: run it with python, not torchrun")
-    device = pick_device(args.device)
-    settings = checked_settings(args, chosen_preset(args, device), device)
-    if device.type == "cpu":
-        with contextlib.suppress(OSError, AttributeError):
-            # glibc: large blocks by mmap, so freed tensors leave resident memory and the peak
-            # of each phase is visible. M_MMAP_THRESHOLD = 64 KiB.
-            import ctypes
-            ctypes.CDLL("libc.so.6").mallopt(-3, 65536)
-    torch.manual_seed(args.seed)
-    data = load_dataset(args.dataset, args.data_root)
-    (H, W, _), K = data["x_train"].shape[1:], len(data["classes"])
-    N = (H // 4) * (W // 4)
-    gpt_config = GPTConfig(settings["codebook_size"], K, N, settings["n_layer"],
-                           settings["n_head"], settings["n_embd"])
-    model = GPT(gpt_config).to(device).eval()
-    w = settings["cfg"] if settings["cfg"] != 1.0 else 1.5
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPUs"
-    millions = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"bench: {millions:.2f}M-parameter GPT, N={N} tokens, device {device} ({where}), "
-          f"torch {torch.__version__}, CFG w={w:g}")
-    results = bench_sampling(model, w, settings, device)
-    results.update(bench_training(model, settings, device, results["batch_for_memory"], w))
-    report_bench(results, settings, device, len(data["x_train"]))
-    return results
-
-
-def sampler(model, B, scale, device, cache=True):
-    """A function that samples B images (classes 0, 1, ...) with a fixed seed."""
-    labels = torch.arange(B, device=device) % model.config.num_classes
-
-    def sample():
-        gen = torch.Generator(device).manual_seed(0)
-        return generate(model, labels, scale, use_cache=cache, generator=gen)
-    return sample
-
-
-def bench_sampling(model, w, settings, device):
-    """Images per second guidance-free and with CFG at three batch sizes; KV cache vs recompute."""
-    if settings["n_embd"] < 64:
-        batches = [4, 16, 64]
-    else:
-        batches = [16, 64, 256] if device.type == "cpu" else [64, 256, 1024]
-    gf, cfg, gf2 = {}, {}, {}
-    for B in batches:
-        with autocast(device, settings["precision"]):
-            cfg[B] = B / timed(sampler(model, B, w, device), device)
-            gf[B] = B / timed(sampler(model, B, 1.0, device), device)
-            gf2[B] = 2 * B / timed(sampler(model, 2 * B, 1.0, device), device)
-        print(f"  batch {B:>5}: guidance-free {gf[B]:8.1f} img/s, CFG {cfg[B]:8.1f} img/s; same "
-              f"batch {gf[B] / cfg[B]:.2f}x; equal rows per forward (guidance-free at {2 * B}) "
-              f"{gf2[B] / cfg[B]:.2f}x")
-    last = batches[-1]
-    B = batches[1]
-    with autocast(device, settings["precision"]):
-        recompute = timed(sampler(model, B, 1.0, device, cache=False), device, 1)
-        cached = timed(sampler(model, B, 1.0, device), device, 1)
-    return {"equal_rows": gf2[last] / cfg[last],
-            "best_batch": max({**gf, **gf2}.values()) / max(cfg.values()),
-            "same_batch": gf[last] / cfg[last], "kv_cache": recompute / cached,
-            "batches": batches, "batch_for_memory": B}
-
-
-def bench_training(model, settings, device, B, w):
-    """Seconds per pretraining and per CCA step at the preset's batch; peak memory of each phase."""
-    V, N, K = model.config.vocab_size, model.config.block_size, model.config.num_classes
-    tokens = torch.randint(0, V, (settings["batch_size"], N), device=device)
-    labels = torch.arange(settings["batch_size"], device=device) % K
-    policy = copy.deepcopy(model).train()
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = adamw(policy, 1e-5, 0.0)
-
-    def train_step(cca):
-        with autocast(device, settings["precision"]):
-            if cca:
-                loss = cca_step_loss(policy, reference, tokens, labels)[0]
-            else:
-                logits = policy(tokens, labels).float()
-                loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    t_pre = timed(lambda: train_step(False), device)
-    t_cca = timed(lambda: train_step(True), device)
-    phases = [("pretrain step", lambda: train_step(False)), ("CCA step", lambda: train_step(True)),
-              ("CFG sampling", sampler(model, B, w, device)),
-              ("guidance-free sampling", sampler(model, B, 1.0, device))]
-    memory = {name: peak_memory(fn, device) for name, fn in phases}
-    return {"t_pre": t_pre, "t_cca": t_cca, "tokens_per_step": settings["batch_size"] * N,
-            "memory": memory}
-
-
-def report_bench(results, settings, device, n_train):
-    """The ratios and the peak memory of each phase."""
-    last, B = results["batches"][-1], results["batch_for_memory"]
-    t_pre, t_cca = results["t_pre"], results["t_cca"]
-    tokens = results["tokens_per_step"]
-    print(f"  training at batch {settings['batch_size']}: pretraining {tokens / t_pre:,.0f} "
-          f"tokens/s, CCA {tokens / t_cca:,.0f} tokens/s (the theory says about "
-          f"2.7x slower)")
-    cca_steps = math.ceil(n_train / settings["batch_size"])
-    epoch_share = 100 * cca_steps * t_cca / (settings["steps"] * t_pre)
-    print("ratios:")
-    print(f"  guidance-free / CFG sampling, equal rows ({2 * last}):       "
-          f"{results['equal_rows']:.2f}x  (at most 2x)")
-    print(f"  guidance-free / CFG sampling, each at its best batch:  {results['best_batch']:.2f}x")
-    print(f"  guidance-free / CFG sampling, same batch {last}:          "
-          f"{results['same_batch']:.2f}x")
-    print(f"  KV cache / full recompute, batch {B}:                 {results['kv_cache']:.2f}x")
-    print(f"  CCA step / pretraining step time:                     {t_cca / t_pre:.2f}x  "
-          f"(theory ~2.7x)")
-    print(f"  one CCA epoch ({n_train} images) / pretraining ({settings['steps']} steps): "
-          f"{epoch_share:.1f}%")
-    print("peak memory:")
-    for name, size in results["memory"].items():
-        print(f"  {name}: {size / 2**20:.1f} MiB" if size is not None else f"  {name}: n/a here")
-    if device.type == "cpu":
-        print("  (CPU: growth of peak resident memory)")
-
-
 def warn_estimate(settings, grid, K, device):
-    """Time two pretraining steps of this size on this device and extrapolate, before committing
-    to hours."""
+    """Two pretraining steps of this size timed on this device, extrapolated, before hours go."""
     N = grid[0] * grid[1]
     model = GPT(GPTConfig(settings["codebook_size"], K, N, settings["n_layer"],
                           settings["n_head"], settings["n_embd"]))
@@ -2249,8 +1971,7 @@ def warn_estimate(settings, grid, K, device):
     sec = (time.perf_counter() - t0) / 2
     print(f"warning: a GPU-sized run on {device}: pretraining alone would take about "
           f"{sec * settings['steps'] / 3600:.1f} h here ({sec:.2f} s/step x {settings['steps']} "
-          f"steps). "
-          f"--preset cpu and cpu_rgb are sized for a CPU.", file=sys.stderr)
+          f"steps). --preset cpu and cpu_rgb are sized for a CPU.", file=sys.stderr)
 
 
 # The command line
@@ -2317,10 +2038,9 @@ def parse_args(argv=None):
                     "skipped when up to date. Flags left unset take their value from --preset.",
         epilog="Several GPUs: torchrun --standalone --nproc_per_node=N minicca.py [flags] trains "
                "every stage with DDP (NCCL; Gloo on CPU); --batch-size is then the global batch.")
-    p.add_argument("command", nargs="?", default="run",
-                   choices=["run", "tokenizer", "bench"],
+    p.add_argument("command", nargs="?", default="run", choices=["run", "tokenizer"],
                    help="run: the pipeline; tokenizer: its first stage alone (a later run in "
-                   "the same --out reuses it); bench: sampling and training speed ratios")
+                   "the same --out reuses it)")
     g = p.add_argument_group("run")
     g.add_argument("--dataset", default=None, help="mnist | cifar10 | path/to/data.npz "
                    "(default: the MNIST subset in tiny_data/, offline)")
@@ -2349,16 +2069,13 @@ def parse_args(argv=None):
     groups = {name: p.add_argument_group(name) for name in SETTING_FLAGS}
     for name, flags in SETTING_FLAGS.items():
         for flag, kind, text in flags:
-            key = flag.replace("-", "_")
-            help = f"{text} ({defaults_of(key)})"
+            typed = dict(type=kind)
             if kind is bool:
-                groups[name].add_argument(f"--{flag}", action=argparse.BooleanOptionalAction,
-                                          default=None, help=help)
+                typed = dict(action=argparse.BooleanOptionalAction)
             elif isinstance(kind, list):  # a list of values, or a choice of names
                 typed = dict(type=kind[0], nargs="+") if callable(kind[0]) else dict(choices=kind)
-                groups[name].add_argument(f"--{flag}", help=help, **typed)
-            else:
-                groups[name].add_argument(f"--{flag}", type=kind, help=help)
+            help = f"{text} ({defaults_of(flag.replace('-', '_'))})"
+            groups[name].add_argument(f"--{flag}", help=help, **typed)
     groups["CCA fine-tuning"].add_argument(
         "--cca", action=argparse.BooleanOptionalAction, default=True,
         help="fine-tune the pretrained model with CCA (or --loss) after pretraining")
@@ -2380,9 +2097,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.command == "bench":
-            bench(args)
-        elif args.command == "tokenizer":
+        if args.command == "tokenizer":
             stage_tokenizer(setup(args))  # the first stage alone
         else:
             run(args)

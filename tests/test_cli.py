@@ -1,5 +1,6 @@
 """The command line end to end on the micro preset: every stage's checkpoint and picture, stage caching
-("up to date"), settings that differ from a checkpoint's, --retrain, --help, bench and --sweep.
+("up to date"), settings that differ from a checkpoint's, --retrain, --help and --sweep (the benchmark,
+tools/bench.py, is tested in test_tools).
 
 The pipeline runs once as a real subprocess on a small generated RGB .npz (400 + 100 images of 16x16, 10
 classes); the reruns call minicca.main in-process (the ~5 s of imports are paid once) on copies of its --out.
@@ -199,39 +200,15 @@ def test_tokenizer_command_trains_the_first_stage_alone_and_the_run_reuses_it(e2
 
 
 # ----------------------------------------------------------------------------------------------------------
-# --help, bench, --sweep
+# --help, --sweep
 
 def test_help_mentions_the_main_flags(capsys):
     code, out, err = run_main(["--help"], capsys)
     assert code == 0
     for flag in ["--dataset", "--data-root", "--out", "--preset", "--device", "--seed", "--retrain", "--resume",
-                 "--save-every", "--steps", "--cfg", "--beta", "--lam", "--loss", "--eval", "--sweep", "bench",
+                 "--save-every", "--steps", "--cfg", "--beta", "--lam", "--loss", "--eval", "--sweep",
                  "tokenizer", "--vq-batch", "--vq-l2-norm", "micro"]:
         assert flag in out, flag
-
-
-def test_bench_prints_every_ratio(tmp_path):
-    r = subprocess.run([sys.executable, SCRIPT, "bench", "--preset", "micro"], capture_output=True, text=True,
-                       timeout=300, env=ENV, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    out = r.stdout
-    num = r"\s+(\d+(\.\d+)?)x"
-    for label in [r"guidance-free / CFG sampling, equal rows (128):",
-                  r"guidance-free / CFG sampling, each at its best batch:",
-                  r"guidance-free / CFG sampling, same batch 64:",
-                  r"KV cache / full recompute, batch 16:",
-                  r"CCA step / pretraining step time:"]:
-        m = re.search(re.escape(label) + num, out)
-        assert m, label
-        assert float(m.group(1)) > 0
-    assert re.search(r"one CCA epoch \(\d+ images\) / pretraining \(40 steps\): \d+(\.\d+)?%", out)
-    assert re.search(r"pretraining [\d,]+ tokens/s, CCA [\d,]+ tokens/s", out)
-    for batch in [4, 16, 64]:
-        assert re.search(rf"batch\s+{batch}: guidance-free\s+\d+(\.\d+)? img/s, CFG\s+\d+(\.\d+)? img/s", out)
-    mem = out.split("peak memory:")[1]
-    for k in ["pretrain step", "CCA step", "CFG sampling", "guidance-free sampling"]:
-        assert re.search(rf"\n  {k}: (n/a here|-?\d+(\.\d+)? MiB)", mem), k
 
 
 def test_sweep_writes_a_valid_json_and_a_png(e2e, capsys):

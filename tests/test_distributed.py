@@ -129,7 +129,7 @@ def test_batch_must_split_evenly(tmp_path):
 
 def test_bench_is_one_process(tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        SCRIPT, "bench", "--preset", "micro"], env=ENV, capture_output=True, text=True, timeout=300)
+                        os.path.join(REPO, "tools", "bench.py"), "--preset", "micro"], env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "bench measures one process: run it with python, not torchrun" in p.stdout + p.stderr
 

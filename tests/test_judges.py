@@ -24,6 +24,7 @@ import make_judge  # noqa: E402
 def test_shipped_judge_loads_with_weights_only(name, shape, classes):
     ckpt = torch.load(minicca.JUDGES[name], map_location="cpu", weights_only=True)
     assert ckpt["info"]["image_shape"] == shape
+    assert set(ckpt) == {"model", "judge_config", "info"}  # "config" is a stage's cache key only
     judge = minicca.load_judge(name)
     assert not judge.training
     assert all(p.dtype == torch.float32 for p in judge.parameters())

@@ -1,7 +1,7 @@
 """Which preset a run gets, and the GPU-only branches exercised on the CPU.
 
 A run without --preset gets cpu_rgb for RGB data on a CPU (CIFAR-10's recipe), cpu for grayscale data (the MNIST
-one) and gpu on a GPU; every flag still overrides the preset. The CUDA branches of the benchmark (CUDA-event timing,
+one) and gpu on a GPU; every flag still overrides the preset. The CUDA branches of tools/bench.py (CUDA-event timing,
 allocator peak memory) run here against a stand-in for torch.cuda that records what it was asked, so a first GPU
 run does not find a typo in them.
 """
@@ -16,6 +16,9 @@ import pytest
 import torch
 
 import minicca
+
+sys.path.insert(0, os.path.join(os.path.dirname(minicca.__file__), "tools"))
+import bench  # noqa: E402
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +39,7 @@ def test_the_default_preset_follows_the_device_and_the_images():
     assert minicca.default_preset(CUDA, 3) == "gpu" and minicca.default_preset(CUDA, 1) == "gpu"
     assert [minicca.image_channels(d) for d in [None, "mnist", "cifar10"]] == [1, 1, 3]
     run = argparse.Namespace(preset=None, dataset="cifar10")
-    assert minicca.chosen_preset(run, CPU) == "cpu_rgb"  # what setup() and bench() pick
+    assert minicca.chosen_preset(run, CPU) == "cpu_rgb"  # what setup() and tools/bench.py pick
     assert minicca.chosen_preset(argparse.Namespace(preset="micro", dataset="cifar10"), CPU) == "micro"
 
 
@@ -182,7 +185,7 @@ def fake_cuda(monkeypatch):
 
 def test_timed_on_cuda_uses_events_between_synchronisations(fake_cuda):
     calls = []
-    seconds = minicca.timed(lambda: calls.append(1), CUDA, repeat=5)
+    seconds = bench.timed(lambda: calls.append(1), CUDA, repeat=5)
     assert seconds == pytest.approx(250.0 / 1000 / 5)  # elapsed_time is in ms, per call
     assert len(calls) == 6  # one warm-up call, then the five timed ones
     assert fake_cuda.calls == ["synchronize", "record", "record", "synchronize"]
@@ -191,18 +194,20 @@ def test_timed_on_cuda_uses_events_between_synchronisations(fake_cuda):
 def test_peak_memory_on_cuda_is_the_allocator_peak_above_the_start(fake_cuda):
     def work():
         fake_cuda.peak = fake_cuda.allocated + 5000  # a temporary of 5000 bytes, freed again
-    assert minicca.peak_memory(work, CUDA) == 5000
+    assert bench.peak_memory(work, CUDA) == 5000
     assert fake_cuda.calls == ["synchronize", "reset", "synchronize"]
 
 
 def test_peak_memory_on_the_cpu_sees_a_large_temporary():
     """In a fresh process: inside the suite, memory that earlier tests freed but the process still holds
     can serve the temporary without any growth of resident memory (seen once in CI: 0 bytes)."""
-    script = ("import torch, minicca\n"
+    script = ("import sys, torch\n"
+              "sys.path.insert(0, 'tools')\n"
+              "import bench\n"
               "def work():\n"
               "    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched\n"
               "    x.add_(1)\n"
-              "print(minicca.peak_memory(work, torch.device('cpu')))\n")
+              "print(bench.peak_memory(work, torch.device('cpu')))\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                          check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()[-1]
     assert out == "None" or int(out) > 32 * 2**20

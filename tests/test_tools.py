@@ -1,7 +1,9 @@
 """The maintainer's scripts in tools/ run on the micro preset: exporting a run's checkpoints as the
-reference ones (float16 weights, loadable, and --pretrained starts from them), and making a judge
-from the command line (the other script, tools/make_judge.py, is also exercised in test_judges)."""
+reference ones (float16 weights, loadable, and --pretrained starts from them), making a judge
+from the command line (the other script, tools/make_judge.py, is also exercised in test_judges),
+and the speed benchmark printing every ratio (its CUDA branches: test_presets)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -55,9 +57,30 @@ def test_make_judge_from_the_command_line(tmp_path):
     out = tmp_path / "judges" / "j.pt"
     printed = tool("make_judge.py", "--dataset", str(npz), "--judge-epochs", "0.5", "--out",
                    str(out), "--device", "cpu")
+    assert set(torch.load(out, weights_only=True)) == {"model", "judge_config", "info"}
     judge = minicca.load_judge(str(out))
     assert judge.info["image_shape"] == [12, 12, 1] and judge.info["classes"] == ["0", "1"]
     assert judge.info["test_accuracy_flip"] is None and not judge.flip_average  # digits: no flips
     assert judge.info["command"].startswith("python tools/make_judge.py --dataset ")
     assert judge.info["epochs"] == 0.5
     assert "[judge] test accuracy" in printed and str(out) in printed
+
+
+def test_bench_prints_every_ratio():
+    out = tool("bench.py", "--preset", "micro", "--device", "cpu", "--seed", "1")
+    num = r"\s+(\d+(\.\d+)?)x"
+    for label in [r"guidance-free / CFG sampling, equal rows (128):",
+                  r"guidance-free / CFG sampling, each at its best batch:",
+                  r"guidance-free / CFG sampling, same batch 64:",
+                  r"KV cache / full recompute, batch 16:",
+                  r"CCA step / pretraining step time:"]:
+        m = re.search(re.escape(label) + num, out)
+        assert m, label
+        assert float(m.group(1)) > 0
+    assert re.search(r"one CCA epoch \(\d+ images\) / pretraining \(40 steps\): \d+(\.\d+)?%", out)
+    assert re.search(r"pretraining [\d,]+ tokens/s, CCA [\d,]+ tokens/s", out)
+    for batch in [4, 16, 64]:
+        assert re.search(rf"batch\s+{batch}: guidance-free\s+\d+(\.\d+)? img/s, CFG\s+\d+(\.\d+)? img/s", out)
+    mem = out.split("peak memory:")[1]
+    for k in ["pretrain step", "CCA step", "CFG sampling", "guidance-free sampling"]:
+        assert re.search(rf"\n  {k}: (n/a here|-?\d+(\.\d+)? MiB)", mem), k

@@ -75,7 +75,7 @@ def main(argv=None):
             "seed": args.seed, "data": minicca.fingerprint(data), "command": command,
             "seconds": seconds, "machine": machine(device),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    minicca.save_checkpoint({"model": half, "config": judge.config, "info": info}, out)
+    minicca.save_checkpoint({"model": half, "judge_config": judge.config, "info": info}, out)
     views = (f", {flip:.2%} with flip averaging (what classify and evaluate use for RGB)"
              if flip is not None else " (what classify and evaluate use)")
     print(f"[judge] test accuracy {single:.2%} single view{views}; trained in "
