@@ -29,7 +29,7 @@ each row is the mean ± std over S sets of samples (sampling seeds seed .. seed 
 `frontier` plots FID against recall from compare's JSON: the CFG scales as one curve (the trade
 guidance makes), each fine-tune as a point; a fine-tune below and right of the curve beats guidance.
 
-Both studies print a table and write JSON beside the run (tilt.json, compare.json). Maintainer
+Both studies print a table and write JSON beside the run (tilt.json, compare.json; --json). Maintainer
 tools: they import minicca and need no other file.
 """
 import argparse
@@ -173,7 +173,7 @@ def tilt(args):
                   f"slope on r_null {row['slope_null']:5.2f} (R² {row['r2_null']:.2f})  "
                   f"on r_bayes {row['slope_bayes']:5.2f} (R² {row['r2_bayes']:.2f}){target}",
                   flush=True)
-    with open(os.path.join(args.run_dir, "tilt.json"), "w") as f:
+    with open(os.path.join(args.run_dir, args.json), "w") as f:
         json.dump(out, f, indent=1)
 
 
@@ -316,6 +316,8 @@ def main(argv=None):
         sub.add_argument("--checkpoints", default="cca_*.pt",
                          help="which fine-tunes in the folder (a glob)")
         sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--json", default=f"{study}.json",
+                         help="the file it writes in the run folder")
     compare_parser = studies.choices["compare"]
     compare_parser.add_argument("--preset", default="cpu_rgb",
                                 help="the run's sampling settings")
@@ -324,8 +326,6 @@ def main(argv=None):
     compare_parser.add_argument("--sets", type=int, default=1,
                                 help="sets of samples per row (sampling seeds seed, seed + 1, "
                                 "...): mean ± std")
-    compare_parser.add_argument("--json", default="compare.json",
-                                help="the file it writes in the run folder")
     seeds_parser = studies.add_parser("seeds", help="one recipe's runs with other seeds: "
                                       "mean ± std of their rows")
     seeds_parser.add_argument("metrics", nargs="+", help="each run's metrics.json")
