@@ -29,8 +29,8 @@ each row is the mean ± std over S sets of samples (sampling seeds seed .. seed 
 `frontier` plots FID against recall from compare's JSON: the CFG scales as one curve (the trade
 guidance makes), each fine-tune as a point; a fine-tune below and right of the curve beats guidance.
 
-Both studies print a table and write JSON beside the run (tilt.json, compare.json; --json). Maintainer
-tools: they import minicca and need no other file.
+Both studies print a table and write JSON beside the run (tilt.json, compare.json; --json).
+Maintainer tools: they import minicca and need no other file.
 """
 import argparse
 import glob
