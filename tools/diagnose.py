@@ -208,8 +208,9 @@ def compare(args):
             scores["intra_fid"] = per_class_fid(features, labels, real, real_labels)
             sets.append(scores)
         rows[name] = {"cfg": w, **minicca.mean_and_std(sets)}
-        print(f"{name:44s} " + "  ".join(f"{m} {score_text(rows[name], m)}" for m in METRICS),
-              flush=True)
+        cells = [f"{m} {minicca.format_metric(m, rows[name][m], rows[name][f'{m}_std'])}"
+                 for m in METRICS]
+        print(f"{name:44s} " + "  ".join(cells), flush=True)
     cfg_rows = {n: r for n, r in rows.items() if n.startswith("base")}
     if cfg_rows:
         best = min(cfg_rows, key=lambda n: cfg_rows[n]["fid"])
@@ -223,12 +224,6 @@ def compare(args):
 
 
 METRICS = ["accuracy", "fid", "intra_fid", "precision", "recall"]
-
-
-def score_text(row, metric):
-    """'0.681 ± 0.012' from a row of mean_and_std (no ± for a single set)."""
-    std = row.get(f"{metric}_std")
-    return f"{row[metric]:.3f}" + (f" ± {std:.3f}" if std is not None else "")
 
 
 def frontier(args):
