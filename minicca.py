@@ -163,8 +163,7 @@ class VQTokenizer(nn.Module):
 
 
 def codebook_stats(indices, codebook_size):
-    """Fraction of codes used and the perplexity of their empirical distribution (at best
-    codebook_size)."""
+    """Share of the codes used, and the perplexity of their distribution (at most codebook_size)."""
     counts = torch.bincount(indices.flatten(), minlength=codebook_size).float()
     p = counts / counts.sum()
     p = p[p > 0]
@@ -270,10 +269,7 @@ class GPT(nn.Module):
         to start). prev_tokens (B,) is the token chosen at the previous position (ignored at
         position 0)."""
         t = cache[0][0].size(2) if cache[0] else 0                                # positions done
-        if t == 0:
-            x = self.class_emb(labels)[:, None]                                   # (B, 1, C)
-        else:
-            x = self.tok_emb(prev_tokens)[:, None]                                # (B, 1, C)
+        x = (self.class_emb(labels) if t == 0 else self.tok_emb(prev_tokens))[:, None]  # (B, 1, C)
         return self._through_blocks(x, start=t, cache=cache)[:, 0]
 
     def new_cache(self):
@@ -700,12 +696,12 @@ def train_gpt(tokens, labels, num_classes, settings, seed, device, hooks=Hooks()
 def finetune_cca(base, tokens, labels, settings, seed, device, hooks=Hooks()):
     """CCA (or a baseline): the policy starts from the pretrained weights, the reference is a frozen
     copy; dropout is off in both (eval mode), so that every gap is exactly 0 at step 0. The rate
-    is constant: a short pass that stays near the reference."""
+    is constant by default (cca_lr_warmup 0, cca_lr_floor 1): a short pass near the reference."""
     policy = copy.deepcopy(base).eval()
     reference = copy.deepcopy(base).eval().requires_grad_(False)
     opt = adamw(policy, settings["cca_lr"], settings["weight_decay"])
     net = hooks.wrap(policy)  # the frozen reference is never wrapped
-    B = min(settings["batch_size"], len(tokens))
+    B = min(settings["cca_batch_size"] or settings["batch_size"], len(tokens))  # rows = negatives
     steps = max(math.ceil(settings["cca_epochs"] * len(tokens) / B), 1)
 
     def batch_loss(step):  # under torchrun, negatives come from each rank's rows, as officially
@@ -715,8 +711,10 @@ def finetune_cca(base, tokens, labels, settings, seed, device, hooks=Hooks()):
         return cca_step_loss(net, reference, x, y, settings["loss"], settings["beta"],
                              settings["lam"], settings["uncond_ratio"], settings["collisions"])
 
-    history = train_loop("cca", policy, opt, steps, lambda step: settings["cca_lr"], batch_loss,
-                         seed, device, settings["precision"], settings["grad_clip"], hooks)
+    lr_at = cosine_lr(settings["cca_lr"], steps, settings["cca_lr_warmup"],
+                      settings["cca_lr_floor"])
+    history = train_loop("cca", policy, opt, steps, lr_at, batch_loss, seed, device,
+                         settings["precision"], settings["grad_clip"], hooks)
     return {"model": policy.state_dict(), "gpt_config": asdict(policy.config), "history": history}
 
 
@@ -957,8 +955,8 @@ def stage_cca(pipeline):
 
 def finetuned(pipeline, settings):
     """The pretrained model fine-tuned with `settings` (the run's, or a sweep's λ)."""
-    keys = ["loss", "beta", "lam", "cca_epochs", "cca_lr", "uncond_ratio", "collisions",
-            "precision"]
+    keys = ["loss", "beta", "lam", "cca_epochs", "cca_lr", "cca_lr_warmup", "cca_lr_floor",
+            "cca_batch_size", "uncond_ratio", "collisions", "precision"]
     made_with = {"base": pipeline.base_ckpt["id"], "seed": pipeline.seed, **pick(settings, keys)}
     build = functools.partial(finetune_cca, pipeline.models["base"], pipeline.tokens["train"],
                               pipeline.y_train, settings, pipeline.seed, pipeline.device)
@@ -1114,6 +1112,9 @@ COMMON = dict(  # the same for every preset unless it says otherwise
     lam=10.0,            # kept after the MNIST sweeps (README); the paper tunes λ per model
     uncond_ratio=0.1,    # the official code's: the pretraining condition-dropout rate
     collisions="positive", cca_epochs=1.0,
+    cca_lr_warmup=0.0,   # share of the CCA steps that warm the rate up (0: none)
+    cca_lr_floor=1.0,    # CCA's final rate / cca_lr, on a cosine (1.0: the official constant rate)
+    cca_batch_size=None,  # None: pretraining's batch_size (each row's negative is another row's)
     judge_width=32,      # JudgeNet's w: 4w = 128-d features, Inception's role
     judge_epochs=None,   # None: JUDGE_RECIPE's epochs for the images' channels
     eval_seeds=3,        # sets of samples per table row: the fewest that give a spread
@@ -1253,12 +1254,14 @@ def image_channels(dataset):
 RULES = [  # (what a setting must be, the test, the settings; None, an unset option, passes)
     ("> 0", lambda v: v > 0, ["beta", "batch_size", "steps", "vq_steps", "vq_batch", "cca_epochs",
                               "judge_epochs", "eval_samples", "eval_seeds", "samples_per_class",
-                              "lr", "cca_lr", "n_layer", "n_embd", "n_head"]),
+                              "lr", "cca_lr", "n_layer", "n_embd", "n_head", "cca_batch_size"]),
     (">= 0", lambda v: v >= 0, ["lam", "cfg", "temperature", "seed"]),
     (">= 0 (0: never)", lambda v: v >= 0, ["save_every"]),
     (">= 1", lambda v: v >= 1, ["top_k"]),
     (">= 2", lambda v: v >= 2, ["codebook_size"]),
-    ("in [0, 1)", lambda v: 0 <= v < 1, ["uncond_ratio", "cond_dropout", "dropout"]),
+    ("in [0, 1)", lambda v: 0 <= v < 1, ["uncond_ratio", "cond_dropout", "dropout",
+                                         "cca_lr_warmup"]),
+    ("in [0, 1]", lambda v: 0 <= v <= 1, ["cca_lr_floor"]),
     ("in (0, 1]", lambda v: 0 < v <= 1, ["top_p"]),
 ]
 
@@ -1275,9 +1278,10 @@ def checked_settings(args, preset, device):
                 raise UserError(f"--{key.replace('_', '-')} must be {what}, got {values[key]}")
     if settings["n_embd"] % settings["n_head"]:
         raise UserError(f"--n-embd must be a multiple of --n-head, got {settings['n_embd']}")
-    if settings["batch_size"] % WORLD:
-        raise UserError(f"--batch-size must be a multiple of the {WORLD} processes, got "
-                        f"{settings['batch_size']}")
+    for key in ("batch_size", "cca_batch_size"):
+        if (settings[key] or 0) % WORLD:
+            raise UserError(f"--{key.replace('_', '-')} must be a multiple of the {WORLD} "
+                            f"processes, got {settings[key]}")
     return settings
 
 
@@ -1868,10 +1872,16 @@ def scores_line(scores):
 
 
 def cca_name(settings):
-    """The fine-tune's file name: loss, β, λ, epochs, and the row settings if not the defaults."""
+    """The fine-tune's file name: loss, β, λ, epochs, and the settings below if not the defaults
+    (a fine-tune of another learning rate alone has the same name: --retrain cca replaces it)."""
     extra = "" if settings["collisions"] == "positive" else f"_{settings['collisions']}"
     if settings["uncond_ratio"] != COMMON["uncond_ratio"]:
         extra += f"_u{settings['uncond_ratio']:g}"
+    if settings["cca_lr_warmup"] or settings["cca_lr_floor"] != 1:  # a schedule: its peak too
+        extra += (f"_lr{settings['cca_lr']:g}w{settings['cca_lr_warmup']:g}"
+                  f"f{settings['cca_lr_floor']:g}")
+    if settings["cca_batch_size"]:
+        extra += f"_bs{settings['cca_batch_size']}"
     return (f"cca_{settings['loss']}_b{settings['beta']:g}_l{settings['lam']:g}"
             f"_e{settings['cca_epochs']:g}{extra}")
 
@@ -2003,7 +2013,10 @@ SETTING_FLAGS = {
         ("beta", float, "β, which scales the log-likelihood ratio (see README)"),
         ("lam", float, "λ, the weight of the negatives: the diversity-fidelity knob"),
         ("cca-epochs", float, "passes over the training tokens"),
-        ("cca-lr", float, "constant fine-tuning learning rate"),
+        ("cca-lr", float, "fine-tuning learning rate (with a schedule: its peak)"),
+        ("cca-lr-warmup", float, "share of the CCA steps that warm the rate up"),
+        ("cca-lr-floor", float, "final rate / --cca-lr, reached on a cosine (1: constant)"),
+        ("cca-batch-size", int, "CCA batch size (None: --batch-size)"),
         ("uncond-ratio", float, "share of rows with the null class on both branches"),
         ("collisions", ["positive", "mask", "resample"],
          "what to do when the rolled negative class equals the true class")],

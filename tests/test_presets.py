@@ -264,3 +264,64 @@ def test_the_readme_gpu_arithmetic_matches_the_preset():
     assert round(pretrain / 1e15) == 28                     # 28 PFLOP of pretraining
     assert round(cca / 1e15, 1) == 0.7 and round(tokenizer / 1e15, 1) == 1.0
     assert seq == pytest.approx(6 * params * 64, rel=0.1)   # the 6·N·T rule, attention being small at T = 64
+
+
+class Rates(minicca.Hooks):
+    """Hooks that record the rate of each step and the weights after chosen steps."""
+
+    def __init__(self, keep=()):
+        self.rates, self.keep, self.kept = [], set(keep), {}
+
+    def after_step(self, model, optimizer, history, num_steps):
+        self.rates.append(optimizer.param_groups[0]["lr"])
+        if len(history) in self.keep:
+            self.kept[len(history)] = {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def micro_finetune(hooks, **changes):
+    """finetune_cca of a fresh micro GPT on random tokens: (checkpoint, hooks)."""
+    P = {**minicca.COMMON, **minicca.PRESETS["micro"], **changes}
+    torch.manual_seed(0)
+    gpt = minicca.GPT(minicca.GPTConfig(16, 3, 4, 1, 2, 16))
+    tokens = torch.randint(0, 16, (96, 4))
+    labels = torch.arange(96) % 3
+    return minicca.finetune_cca(gpt, tokens, labels, P, 0, CPU, hooks), hooks
+
+
+def test_the_cca_rate_is_constant_by_default_and_a_warm_cosine_when_asked():
+    _, constant = micro_finetune(Rates(), cca_epochs=4.0, cca_lr=1e-3)
+    assert constant.rates == [1e-3] * 12  # 4 epochs of 96 rows at batch 32, at exactly cca_lr
+    _, scheduled = micro_finetune(Rates(), cca_epochs=4.0, cca_lr=1e-3, cca_lr_warmup=0.25,
+                                  cca_lr_floor=0.0)
+    rates = scheduled.rates
+    assert rates[:4] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])  # warm-up, then the peak
+    assert all(a > b for a, b in zip(rates[3:], rates[4:])) and rates[-1] < 1e-4  # cosine to ~0
+
+
+def test_a_shorter_cca_run_ends_with_the_weights_a_longer_one_has_at_its_last_step():
+    """The study's rows of one λ at several lengths come from one long run: at the constant rate
+    each step's batch and rate depend on the step alone, so stopping early changes nothing."""
+    short, _ = micro_finetune(Rates(), cca_epochs=1.0)
+    _, long = micro_finetune(Rates(keep=[3]), cca_epochs=2.0)
+    assert len(short["history"]) == 3 and len(long.rates) == 6
+    for name, value in short["model"].items():
+        assert torch.equal(value, long.kept[3][name]), name
+
+
+def test_the_cca_batch_is_pretrainings_unless_its_own_flag_sets_it():
+    default, _ = micro_finetune(Rates(), cca_epochs=1.0)
+    larger, _ = micro_finetune(Rates(), cca_epochs=1.0, cca_batch_size=48)
+    assert len(default["history"]) == 3 and len(larger["history"]) == 2  # 96 rows: 32 or 48 a step
+    args = minicca.parse_args(["--preset", "micro", "--cca-batch-size", "48"])
+    assert minicca.checked_settings(args, "micro", CPU)["cca_batch_size"] == 48
+    args = minicca.parse_args(["--preset", "micro", "--cca-batch-size", "0"])
+    with pytest.raises(minicca.UserError, match="--cca-batch-size must be > 0, got 0"):
+        minicca.checked_settings(args, "micro", CPU)
+
+
+def test_a_fine_tune_with_a_schedule_or_its_own_batch_has_a_file_of_its_own():
+    rgb = {**minicca.COMMON, **minicca.PRESETS["cpu_rgb"]}
+    assert minicca.cca_name(rgb) == "cca_cca_b0.1_l30_e0.5"  # the recipe's: no suffix
+    scheduled = {**rgb, "cca_lr": 3e-4, "cca_lr_warmup": 0.05, "cca_lr_floor": 0.1}
+    assert minicca.cca_name(scheduled) == "cca_cca_b0.1_l30_e0.5_lr0.0003w0.05f0.1"
+    assert minicca.cca_name({**rgb, "cca_batch_size": 256}) == "cca_cca_b0.1_l30_e0.5_bs256"
