@@ -113,6 +113,8 @@ def test_compare_with_sets_and_the_frontier_figure(tmp_path):
     assert figure.stat().st_size > 10_000
     assert diagnose.tuned_label("cca_cca_b0.1_l30_e0.5.pt") == "λ30, 0.5 ep"
     assert diagnose.tuned_label("cca_cca_b0.03_l30_e1.pt") == "λ30, 1 ep, β0.03"
+    assert diagnose.tuned_label("cca_cca_b0.1_l30_e1_lr0.0003w0.05f0.1.pt") == "λ30, 1 ep, peak 0.0003"
+    assert diagnose.tuned_label("cca_cca_b0.1_l30_e1_bs256.pt") == "λ30, 1 ep, batch 256"
 
 
 def test_seeds_averages_each_runs_rows(tmp_path, capsys):

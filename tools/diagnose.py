@@ -262,10 +262,18 @@ def frontier(args):
 
 
 def tuned_label(checkpoint):
-    """'cca_cca_b0.1_l30_e0.5.pt' -> 'λ30, 0.5 ep'."""
-    parts = dict((p[0], p[1:]) for p in checkpoint.removesuffix(".pt").split("_")[2:])
+    """'cca_cca_b0.1_l30_e0.5.pt' -> 'λ30, 0.5 ep'; a schedule's peak ('_lr3e-4w0.05f0.1') and
+    a batch of its own ('_bs256') are added to the label."""
+    words = checkpoint.removesuffix(".pt").split("_")[2:]
+    extras = [w for w in words if w.startswith(("lr", "bs"))]
+    parts = dict((w[0], w[1:]) for w in words if w not in extras)
     label = f"λ{parts.get('l', '?')}, {parts.get('e', '?')} ep"
-    return label if parts.get("b") == "0.1" else f"{label}, β{parts.get('b')}"
+    if parts.get("b") != "0.1":
+        label += f", β{parts.get('b')}"
+    for extra in extras:  # lr<peak>w<warm-up>f<floor>, bs<batch>
+        is_rate = extra.startswith("lr")
+        label += f", peak {extra[2:].split('w')[0]}" if is_rate else f", batch {extra[2:]}"
+    return label
 
 
 def seeds(args):
