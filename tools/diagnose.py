@@ -246,11 +246,11 @@ def frontier(args):
     for w, r in cfg:
         ax.annotate(f"w={w:g}", (r["recall"], r["fid"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8, color="tab:blue")
-    for name, r in tuned:
+    for i, (name, r) in enumerate(sorted(tuned, key=lambda t: t[1]["recall"])):
         ax.errorbar(r["recall"], r["fid"], xerr=r.get("recall_std") or 0,
                     yerr=r.get("fid_std") or 0, fmt="s", color="tab:red")
         ax.annotate(tuned_label(name), (r["recall"], r["fid"]), textcoords="offset points",
-                    xytext=(4, -10), fontsize=8, color="tab:red")
+                    xytext=(4, -11 if i % 2 else 5), fontsize=8, color="tab:red")  # alternate
     ax.plot([], [], "s", color="tab:red", label="CCA fine-tunes, no guidance")
     ax.set_xlabel("recall (higher: samples cover more of the data)")
     ax.set_ylabel("FID in the judge's features (lower is better)")
