@@ -99,10 +99,15 @@ LAUNCHER = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)*(?:python3?|torchrun)\b")
 SHELL_STOP = {"&&", "||", ";", "|", ">", ">>", "<", "2>", "&"}
 
 
+SHELL_VARIABLE = re.compile(r'^([A-Z][A-Z0-9_]*)="([^"$]*)"$')
+
+
 def minicca_commands(text):
     """(shown text, argv after minicca.py) for each command that runs minicca.py: in code blocks and
-    inline code, with or without leading VAR=value settings, via python or torchrun."""
+    inline code, with or without leading VAR=value settings, via python or torchrun. A variable a
+    code block sets on a line of its own (`B6="--steps 1600"`) is expanded wherever `$B6` is used."""
     snippets = [line for block in fenced_blocks(text) for line in block.splitlines()]
+    variables = dict(m.groups() for m in map(SHELL_VARIABLE.match, snippets) if m)
     snippets += [" ".join(code.split()) for code in INLINE_CODE.findall(FENCE.sub("", text))]
     commands = []
     for snippet in snippets:
@@ -110,7 +115,8 @@ def minicca_commands(text):
             part = part.strip()
             if "minicca.py" not in part or not LAUNCHER.match(part):
                 continue
-            words = shlex.split(part, comments=True)
+            expanded = re.sub(r"\$([A-Z][A-Z0-9_]*)", lambda m: variables.get(m[1], m[0]), part)
+            words = shlex.split(expanded, comments=True)
             argv = words[words.index("minicca.py") + 1:]
             stop = next((i for i, w in enumerate(argv) if w in SHELL_STOP), len(argv))
             commands.append((part, argv[:stop]))
@@ -121,9 +127,11 @@ def test_the_command_finder_sees_every_form():
     text = ("Run `python minicca.py --seed\n1` or `OMP_NUM_THREADS=1 python minicca.py --no-eval`.\n"
             "```bash\ntorchrun --standalone --nproc_per_node=2 minicca.py --preset micro  # two\n"
             "mkdir -p x && python minicca.py tokenizer --out x > log\n"
-            "python -c 'import minicca'\n```\n")
+            "python -c 'import minicca'\nB6=\"--steps 1600 --out y\"\npython minicca.py $B6 --lam 3\n"
+            "python minicca.py $UNSET\n```\n")
     assert [argv for _, argv in minicca_commands(text)] == [
-        ["--preset", "micro"], ["tokenizer", "--out", "x"], ["--seed", "1"], ["--no-eval"]]
+        ["--preset", "micro"], ["tokenizer", "--out", "x"], ["--steps", "1600", "--out", "y", "--lam", "3"],
+        ["$UNSET"], ["--seed", "1"], ["--no-eval"]]
 
 
 def parse(argv):

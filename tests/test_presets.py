@@ -64,7 +64,8 @@ def test_the_rgb_recipe_is_the_cifar_sized_one_and_the_cpu_preset_is_unchanged()
     """The RGB recipe's numbers are the ones the README's CIFAR-10 table was measured with; cpu's are the
     default run's (its checkpoints ship in tiny_data/pretrained), so neither may drift unnoticed."""
     rgb, cpu = minicca.PRESETS["cpu_rgb"], minicca.PRESETS["cpu"]
-    assert (rgb["n_layer"], rgb["n_embd"], rgb["steps"], rgb["codebook_size"]) == (6, 192, 1600, 512)
+    assert (rgb["n_layer"], rgb["n_embd"], rgb["steps"], rgb["codebook_size"]) == (4, 128, 4300, 512)
+    assert (rgb["cca_epochs"], rgb["cca_lr"], rgb["lr"]) == (1.35, 1e-4, 1e-3)
     assert rgb["vq_lr_floor"] == 0.1 and "vq_lr_floor" not in cpu and minicca.COMMON["vq_lr_floor"] == 1.0
     # the tokenizer: an autoencoder warm-up of 5% of the steps everywhere (cpu_rgb's 100 of 2,000,
     # cpu's 40 of 800); the l2 lookup on RGB, the plain one on MNIST (it reconstructs better there)
@@ -321,7 +322,7 @@ def test_the_cca_batch_is_pretrainings_unless_its_own_flag_sets_it():
 
 def test_a_fine_tune_with_a_schedule_or_its_own_batch_has_a_file_of_its_own():
     rgb = {**minicca.COMMON, **minicca.PRESETS["cpu_rgb"]}
-    assert minicca.cca_name(rgb) == "cca_cca_b0.1_l30_e0.5"  # the recipe's: no suffix
+    assert minicca.cca_name(rgb) == "cca_cca_b0.1_l30_e1.35"  # the recipe's: no suffix
     scheduled = {**rgb, "cca_lr": 3e-4, "cca_lr_warmup": 0.05, "cca_lr_floor": 0.1}
-    assert minicca.cca_name(scheduled) == "cca_cca_b0.1_l30_e0.5_lr0.0003w0.05f0.1"
-    assert minicca.cca_name({**rgb, "cca_batch_size": 256}) == "cca_cca_b0.1_l30_e0.5_bs256"
+    assert minicca.cca_name(scheduled) == "cca_cca_b0.1_l30_e1.35_lr0.0003w0.05f0.1"
+    assert minicca.cca_name({**rgb, "cca_batch_size": 256}) == "cca_cca_b0.1_l30_e1.35_bs256"
