@@ -104,8 +104,9 @@ SHELL_VARIABLE = re.compile(r'^([A-Z][A-Z0-9_]*)="([^"$]*)"$')
 
 def minicca_commands(text):
     """(shown text, argv after minicca.py) for each command that runs minicca.py: in code blocks and
-    inline code, with or without leading VAR=value settings, via python or torchrun. A variable a
-    code block sets on a line of its own (`B6="--steps 1600"`) is expanded wherever `$B6` is used."""
+    inline code, with or without leading VAR=value settings, via python or torchrun. A variable
+    a code block sets on a line of its own (`B6="--steps 1600"`) is expanded wherever `$B6` is
+    used."""
     snippets = [line for block in fenced_blocks(text) for line in block.splitlines()]
     variables = dict(m.groups() for m in map(SHELL_VARIABLE.match, snippets) if m)
     snippets += [" ".join(code.split()) for code in INLINE_CODE.findall(FENCE.sub("", text))]
@@ -127,11 +128,11 @@ def test_the_command_finder_sees_every_form():
     text = ("Run `python minicca.py --seed\n1` or `OMP_NUM_THREADS=1 python minicca.py --no-eval`.\n"
             "```bash\ntorchrun --standalone --nproc_per_node=2 minicca.py --preset micro  # two\n"
             "mkdir -p x && python minicca.py tokenizer --out x > log\n"
-            "python -c 'import minicca'\nB6=\"--steps 1600 --out y\"\npython minicca.py $B6 --lam 3\n"
-            "python minicca.py $UNSET\n```\n")
+            "python -c 'import minicca'\nB6=\"--steps 1600 --out y\"\n"
+            "python minicca.py $B6 --lam 3\npython minicca.py $UNSET\n```\n")
     assert [argv for _, argv in minicca_commands(text)] == [
-        ["--preset", "micro"], ["tokenizer", "--out", "x"], ["--steps", "1600", "--out", "y", "--lam", "3"],
-        ["$UNSET"], ["--seed", "1"], ["--no-eval"]]
+        ["--preset", "micro"], ["tokenizer", "--out", "x"],
+        ["--steps", "1600", "--out", "y", "--lam", "3"], ["$UNSET"], ["--seed", "1"], ["--no-eval"]]
 
 
 def parse(argv):
