@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import minicca
@@ -84,3 +85,10 @@ def test_bench_prints_every_ratio():
     mem = out.split("peak memory:")[1]
     for k in ["pretrain step", "CCA step", "CFG sampling", "guidance-free sampling"]:
         assert re.search(rf"\n  {k}: (n/a here|-?\d+(\.\d+)? MiB)", mem), k
+    precision = out.split("bf16 autocast against fp32")[1]
+    for k in ["tokenizer step", "pretraining step", "CCA step",
+              "guidance-free sampling, a batch of 256"]:
+        line = rf"\n  {k}: fp32 (\S+) s, bf16 (\S+) s: bf16 (\d+\.\d+)x as fast"
+        m = re.search(line, precision)
+        assert m, k
+        assert float(m.group(3)) == pytest.approx(float(m.group(1)) / float(m.group(2)), rel=0.02)

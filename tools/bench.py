@@ -9,10 +9,12 @@ output.
 """
 import contextlib
 import copy
+import functools
 import math
 import os
 import sys
 import time
+import unittest.mock
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,7 @@ def bench(args):
     results = bench_sampling(model, w, settings, device)
     results.update(bench_training(model, settings, device, results["batch_for_memory"], w))
     report_bench(results, settings, device, len(data["x_train"]))
+    results["bf16"] = bench_precision(model, data, settings, device, args.seed)
     return results
 
 
@@ -157,6 +160,53 @@ def bench_training(model, settings, device, B, w):
     memory = {name: peak_memory(fn, device) for name, fn in phases}
     return {"t_pre": t_pre, "t_cca": t_cca, "tokens_per_step": settings["batch_size"] * N,
             "memory": memory}
+
+
+def bench_precision(model, data, settings, device, seed, steps=20, rounds=2):
+    """Seconds per step of the real training functions (tokenizer, pretraining, CCA) and of
+    guidance-free sampling under bf16 autocast against fp32: the measurement --precision asks
+    for, since a CPU's bf16 may be emulated or slower in some kernels. The two precisions
+    alternate (fp32, bf16, fp32, bf16) and each keeps its fastest round, so both see the same
+    machine. Prints and returns {stage: fp32 seconds / bf16 seconds} (above 1: bf16 is faster)."""
+    subset = {k: v[:4 * settings["vq_batch"]] for k, v in data.items() if k.startswith("x_")}
+    subset["classes"] = data["classes"]
+    V, N, K = model.config.vocab_size, model.config.block_size, model.config.num_classes
+    B = settings["batch_size"]
+    tokens = torch.randint(0, V, (4 * B, N), generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(4 * B) % K
+
+    def sample(s):
+        with minicca.autocast(device, s["precision"]):
+            for _ in range(steps // 10):
+                minicca.generate(model, torch.arange(256, device=device) % K)
+
+    runs = {  # (what runs, how many steps it runs)
+        "tokenizer step": (lambda s: minicca.train_tokenizer(subset, {**s, "vq_steps": steps},
+                                                             seed, device), steps),
+        "pretraining step": (lambda s: minicca.train_gpt(tokens, labels, K, {**s, "steps": steps},
+                                                         seed, device), steps),
+        "CCA step": (lambda s: minicca.finetune_cca(
+            model, tokens, labels, {**s, "cca_epochs": steps / 4, "cca_batch_size": None}, seed,
+            device), steps),
+        "guidance-free sampling, a batch of 256": (sample, steps // 10)}
+    best = {(name, p): math.inf for name in runs for p in ("fp32", "bf16")}
+    no_bars = functools.partial(minicca.tqdm, disable=True)
+    with unittest.mock.patch.object(minicca, "tqdm", no_bars):
+        for _ in range(rounds):
+            for name, (run, count) in runs.items():
+                for precision in ("fp32", "bf16"):
+                    t0 = time.perf_counter()
+                    run({**settings, "precision": precision})
+                    seconds = (time.perf_counter() - t0) / count
+                    best[name, precision] = min(best[name, precision], seconds)
+    print(f"bf16 autocast against fp32 (seconds per step or per sampled batch, the faster of "
+          f"{rounds} rounds; bf16 units here: {minicca.bf16_is_fast(device)}):")
+    ratios = {}
+    for name in runs:
+        fp32, bf16 = best[name, "fp32"], best[name, "bf16"]
+        ratios[name] = fp32 / bf16
+        print(f"  {name}: fp32 {fp32:.3g} s, bf16 {bf16:.3g} s: bf16 {ratios[name]:.2f}x as fast")
+    return ratios
 
 
 def report_bench(results, settings, device, n_train):
