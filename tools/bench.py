@@ -162,6 +162,13 @@ def bench_training(model, settings, device, B, w):
             "memory": memory}
 
 
+def clock(device):
+    """Seconds now, once the GPU's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def bench_precision(model, data, settings, device, seed, steps=20, rounds=2):
     """Seconds per step of the real training functions (tokenizer, pretraining, CCA) and of
     guidance-free sampling under bf16 autocast against fp32: the measurement --precision asks
@@ -195,9 +202,9 @@ def bench_precision(model, data, settings, device, seed, steps=20, rounds=2):
         for _ in range(rounds):
             for name, (run, count) in runs.items():
                 for precision in ("fp32", "bf16"):
-                    t0 = time.perf_counter()
+                    t0 = clock(device)
                     run({**settings, "precision": precision})
-                    seconds = (time.perf_counter() - t0) / count
+                    seconds = (clock(device) - t0) / count
                     best[name, precision] = min(best[name, precision], seconds)
     print(f"bf16 autocast against fp32 (seconds per step or per sampled batch, the faster of "
           f"{rounds} rounds; bf16 units here: {minicca.bf16_is_fast(device)}):")
