@@ -1,7 +1,9 @@
 """The maintainer's scripts in tools/ run on the micro preset: exporting a run's checkpoints as the
 reference ones (float16 weights, loadable, and --pretrained starts from them), making a judge
 from the command line (the other script, tools/make_judge.py, is also exercised in test_judges),
-and the speed benchmark printing every ratio (its CUDA branches: test_presets)."""
+the speed benchmark printing every ratio (its CUDA branches: test_presets), and the over-fitting
+curve printing a line per checkpoint."""
+import importlib.util
 import os
 import re
 import subprocess
@@ -81,7 +83,8 @@ def test_bench_prints_every_ratio():
     assert re.search(r"one CCA epoch \(\d+ images\) / pretraining \(40 steps\): \d+(\.\d+)?%", out)
     assert re.search(r"pretraining [\d,]+ tokens/s, CCA [\d,]+ tokens/s", out)
     for batch in [4, 16, 64]:
-        assert re.search(rf"batch\s+{batch}: guidance-free\s+\d+(\.\d+)? img/s, CFG\s+\d+(\.\d+)? img/s", out)
+        assert re.search(rf"batch\s+{batch}: guidance-free\s+\d+(\.\d+)? img/s, "
+                         rf"CFG\s+\d+(\.\d+)? img/s", out)
     mem = out.split("peak memory:")[1]
     for k in ["pretrain step", "CCA step", "CFG sampling", "guidance-free sampling"]:
         assert re.search(rf"\n  {k}: (n/a here|-?\d+(\.\d+)? MiB)", mem), k
@@ -92,3 +95,34 @@ def test_bench_prints_every_ratio():
         m = re.search(line, precision)
         assert m, k
         assert float(m.group(3)) == pytest.approx(float(m.group(1)) / float(m.group(2)), rel=0.02)
+
+
+def test_overfit_curve_prints_a_line_per_checkpoint(tmp_path, capsys):
+    """In this process (a subprocess would double the time): two runs, with torch's generator
+    moved between them, print the same bits, since --seed seeds the initial weights."""
+    spec = importlib.util.spec_from_file_location("overfit_curve",
+                                                  os.path.join(ROOT, "tools", "overfit_curve.py"))
+    overfit_curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overfit_curve)
+    rng = np.random.default_rng(2)
+    npz = tmp_path / "noise.npz"
+    images = rng.integers(0, 256, (160, 12, 12), dtype=np.uint8)
+    np.savez(npz, x_train=images[:120], y_train=np.arange(120) % 3, x_test=images[120:],
+             y_test=np.arange(40) % 3)
+    argv = ["--dataset", str(npz), "--device", "cpu", "--preset", "micro", "--steps", "25",
+            "--vq-steps", "10", "--every", "10"]
+    line = re.compile(r"step +(\d+) epoch +(\d+\.\d): bits/token train (\S+) test (\S+)  "
+                      r"\(\d+ s\)")
+    runs = []
+    for _ in range(2):
+        torch.rand(7)
+        overfit_curve.main(argv)
+        out = capsys.readouterr().out
+        assert re.match(r"tokenizer \d+ s; tokens \(120, 9\)\n", out)
+        runs.append([line.fullmatch(text).groups() for text in out.splitlines()[1:]])
+    rows = runs[0]
+    assert [int(r[0]) for r in rows] == [10, 20, 25]      # every 10 steps, and the last
+    assert [r[1] for r in rows] == ["2.7", "5.3", "6.7"]  # 120 sequences at batch 32 an epoch
+    bits = [float(b) for r in rows for b in r[2:]]
+    assert all(0 < b < 20 for b in bits), bits             # finite and positive
+    assert runs[1] == rows
