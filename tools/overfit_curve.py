@@ -84,21 +84,24 @@ def overfit_curve(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="data/cifar10_gpu_check.npz",
-                   help="mnist | cifar10 | path/to/data.npz | tiny")
+                   help="mnist | cifar10 | path/to/data.npz | tiny (default: the GPU check's "
+                   "CIFAR-10 subset, made by bash .ci/gpu_check prepare path/to/cifar10.npz)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                   help="auto: a GPU if there is one")
+                   help="auto (the default): CUDA, else MPS, else the CPU")
     p.add_argument("--preset", choices=list(minicca.PRESETS), default="gpu",
-                   help="the tokenizer's and the GPT's settings")
+                   help="the tokenizer's and the GPT's settings (default: gpu; on a CPU it takes "
+                   "hours: try cpu_rgb or micro there)")
     p.add_argument("--steps", type=int, default=None,
-                   help="GPT steps, also the cosine schedule's length (None: the preset's)")
+                   help="GPT steps, also the cosine schedule's length (default: the preset's)")
     p.add_argument("--vq-steps", type=int, default=None,
-                   help="tokenizer steps (None: the preset's)")
-    p.add_argument("--every", type=int, default=500, help="steps between lines of the curve")
+                   help="tokenizer steps (default: the preset's)")
+    p.add_argument("--every", type=int, default=500,
+                   help="steps between lines of the curve (default: 500)")
     p.add_argument("--seed", type=int, default=0,
-                   help="the initial weights' and the training batches' seed")
+                   help="the initial weights' and the training batches' seed (default: 0)")
     args = p.parse_args(argv)
     for flag in ("steps", "vq_steps", "every"):
         value = getattr(args, flag)
@@ -107,7 +110,9 @@ def main(argv=None):
     try:
         overfit_curve(args)
     except minicca.UserError as e:
-        print(f"overfit_curve: error: {e}", file=sys.stderr)
+        subset = args.dataset == p.get_default("dataset") and not os.path.exists(args.dataset)
+        hint = "; make it: bash .ci/gpu_check prepare path/to/cifar10.npz" if subset else ""
+        print(f"overfit_curve: error: {e}{hint}", file=sys.stderr)
         sys.exit(e.exit_code)
 
 
