@@ -1084,7 +1084,7 @@ PRESETS = {
         n_layer=4, n_head=4, n_embd=128, dropout=0.0, steps=800, batch_size=64, lr=2e-3,
         cca_lr=2e-4, eval_samples=1000),
     "cpu_rgb": dict(  # a laptop, RGB images (CIFAR-10): the whole pipeline in about an hour
-        # its tokenizer: 24.1 dB PSNR in 5 minutes. The README's 25 dB one (twice the codes and
+        # its tokenizer: 24.1 dB PSNR in 5 minutes. docs/results.md's 25 dB one (twice the codes and
         # the batch, more steps, the plain lookup) costs over half the hour: no better samples
         vq_hidden=64, codebook_size=512, code_dim=32, vq_steps=2000, vq_batch=128, vq_lr=2e-3,
         # the hour's training on a small GPT trained long: 4 x 128 (5.5 epochs, 1.35 of CCA) beat
@@ -1201,8 +1201,9 @@ def setup(args):
                 if WORLD > 1 else "")
     print(f"minicca: {name}: {len(data['x_train'])} train / {len(data['x_test'])} test images "
           f"{H}x{W}x{C}, {K} classes; device {device}; preset {preset}; out {out}{ddp_note}")
-    if device.type == "cpu" and settings["n_embd"] >= 384:
-        warn_estimate(settings, grid, K, device)
+    if device.type == "cpu" and settings["n_embd"] >= 384:  # before hours go
+        print("warning: a GPU-sized run on a CPU takes hours; --preset cpu and cpu_rgb are sized "
+              "for a CPU", file=sys.stderr)
     return Pipeline(args, settings, device, data, fingerprint(data), args.seed, K, grid,
                     torch.from_numpy(data["y_train"]), out)
 
@@ -1213,15 +1214,12 @@ REDO = {**{stage: STAGES[i:] for i, stage in enumerate(STAGES)},
 
 
 def pick_device(name):
-    if name == "auto" and torch.cuda.is_available():
-        name = "cuda"
+    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
-        name = "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here (use --device auto or cpu)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: Apple's MPS backend is not available here (use --device "
-                        "auto or cpu)")
+        name = "cuda" if here["cuda"] else "mps" if here["mps"] else "cpu"
+    if not here.get(name, True):
+        what = {"cuda": "no CUDA GPU is", "mps": "Apple's MPS backend is not"}[name]
+        raise UserError(f"--device {name}: {what} available here (use --device auto or cpu)")
     return torch.device(name)
 
 
@@ -1455,9 +1453,7 @@ def autocast(device, precision=None):
 
 
 def resolve_precision(precision, device):
-    if precision is None:
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    return precision or ("bf16" if device.type == "cuda" else "fp32")
 
 
 # Reports
@@ -1586,10 +1582,8 @@ class Saves(Hooks):
     start: int = 0
 
     def wrap(self, model, find_unused_parameters=False):  # the optimizer keeps the bare model
-        if WORLD == 1:
-            return model
-        return nn.parallel.DistributedDataParallel(model,
-                                                   find_unused_parameters=find_unused_parameters)
+        return model if WORLD == 1 else nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=find_unused_parameters)
 
     def shard(self, batch):
         return shard(batch)
@@ -1967,23 +1961,6 @@ def format_metric(col, value, std=None):
     if col == "fid":
         return f"{value:.3g}" + ("" if std is None else f" ± {std:.2g}")
     return f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
-
-
-def warn_estimate(settings, grid, K, device):
-    """Two pretraining steps of this size timed on this device, extrapolated, before hours go."""
-    N = grid[0] * grid[1]
-    model = GPT(GPTConfig(settings["codebook_size"], K, N, settings["n_layer"],
-                          settings["n_head"], settings["n_embd"]))
-    opt = adamw(model, settings["lr"], 0.0)
-    x = torch.randint(0, settings["codebook_size"], (settings["batch_size"], N))
-    t0 = time.perf_counter()
-    for _ in range(2):
-        F.cross_entropy(model(x, x[:, 0] % K).flatten(0, 1), x.flatten()).backward()
-        opt.step()
-    sec = (time.perf_counter() - t0) / 2
-    print(f"warning: a GPU-sized run on {device}: pretraining alone would take about "
-          f"{sec * settings['steps'] / 3600:.1f} h here ({sec:.2f} s/step x {settings['steps']} "
-          f"steps). --preset cpu and cpu_rgb are sized for a CPU.", file=sys.stderr)
 
 
 # The command line

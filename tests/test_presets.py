@@ -234,7 +234,7 @@ def test_autocast_on_cuda_asks_for_bf16_and_on_the_cpu_only_when_told(monkeypatc
     assert minicca.resolve_precision(None, CPU) == "fp32" and minicca.resolve_precision(None, CUDA) == "bf16"
 
 
-# the gpu preset's sizing arithmetic in the README ("The gpu preset: sizing arithmetic")
+# the gpu preset's FLOP counts in docs/results.md ("The `gpu` preset on one H200")
 
 def train_flops(model, *inputs):
     """FLOPs of one forward and backward pass (torch's FLOP counter: matmuls, convolutions, attention)."""
