@@ -117,6 +117,29 @@ def test_compare_with_sets_and_the_frontier_figure(tmp_path):
     assert diagnose.tuned_label("cca_cca_b0.1_l30_e1_bs256.pt") == "λ30, 1 ep, batch 256"
 
 
+def test_a_crowded_frontier_puts_its_labels_in_a_column(tmp_path, monkeypatch):
+    """Past six fine-tunes the labels leave their points for a column, top to bottom in FID's
+    order, each with a line to its point; with fewer they sit beside the points."""
+    import matplotlib.axes
+    rows = {f"base, CFG {w}": {"cfg": w, "fid": 20 / w, "recall": 0.3 / w} for w in (1, 2, 4)}
+    for i in range(7):  # close together, as CIFAR-10's fine-tunes were
+        rows[f"cca_cca_b0.1_l30_e{i + 1}.pt, no guidance"] = {"fid": 10 + i / 10, "recall": 0.2}
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    calls = []
+    annotate = matplotlib.axes.Axes.annotate
+
+    def recording(self, text, *args, **kwargs):
+        calls.append((text, kwargs))
+        return annotate(self, text, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", recording)
+    diagnose.main(["frontier", str(tmp_path / "rows.json"), "--figure", str(tmp_path / "f.png")])
+    column = [(text, k) for text, k in calls if not text.startswith("w=")]
+    assert [text for text, _ in column] == [f"λ30, {e} ep" for e in range(7, 0, -1)]
+    heights = [k["xytext"][1] for _, k in column]
+    assert heights == sorted(heights, reverse=True) and "arrowprops" in column[0][1]
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
 def test_seeds_averages_each_runs_rows(tmp_path, capsys):
     def run(seed, fid, w):
         rows = {"base, no guidance": {"accuracy": 0.5, "fid": fid, "is": 2.0, "precision": 0.9,

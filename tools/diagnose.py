@@ -246,11 +246,21 @@ def frontier(args):
     for w, r in cfg:
         ax.annotate(f"w={w:g}", (r["recall"], r["fid"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8, color="tab:blue")
-    for i, (name, r) in enumerate(sorted(tuned, key=lambda t: t[1]["recall"])):
+    crowded = len(tuned) > 6  # more labels than fit beside their points: a column of them
+    fids = [r["fid"] for _, r in tuned] or [0.0]
+    left = min((r["recall"] - (r.get("recall_std") or 0) for _, r in tuned), default=0.0)
+    order = (lambda t: -t[1]["fid"]) if crowded else (lambda t: t[1]["recall"])
+    for i, (name, r) in enumerate(sorted(tuned, key=order)):
         ax.errorbar(r["recall"], r["fid"], xerr=r.get("recall_std") or 0,
                     yerr=r.get("fid_std") or 0, fmt="s", color="tab:red")
-        ax.annotate(tuned_label(name), (r["recall"], r["fid"]), textcoords="offset points",
-                    xytext=(4, -11 if i % 2 else 5), fontsize=8, color="tab:red")  # alternate
+        if crowded:  # left of the points, top to bottom in FID's order, a line to each point
+            y = max(fids) - i * (max(fids) - min(fids)) / (len(tuned) - 1)
+            ax.annotate(tuned_label(name), (r["recall"], r["fid"]), xytext=(left - 0.01, y),
+                        ha="right", va="center", fontsize=7, color="tab:red",
+                        arrowprops=dict(arrowstyle="-", color="tab:red", lw=0.5, alpha=0.6))
+        else:  # beside the point, above and below in turn
+            ax.annotate(tuned_label(name), (r["recall"], r["fid"]), textcoords="offset points",
+                        xytext=(4, -11 if i % 2 else 5), fontsize=8, color="tab:red")
     ax.plot([], [], "s", color="tab:red", label="CCA fine-tunes, no guidance")
     ax.set_xlabel("recall (higher: samples cover more of the data)")
     ax.set_ylabel("FID in the judge's features (lower is better)")
