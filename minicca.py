@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -36,29 +37,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_DATA = os.path.join(HERE, "tiny_data", "mnist_tiny.npz")
 PRETRAINED = os.path.join(HERE, "tiny_data", "pretrained")
 
-
 # -------------------------------------------------------------------------------------------------
 # 1. Data: every source becomes the same dict of uint8 NHWC images and int64 labels
 
 def load_dataset(name=None, data_root="data"):
-    """'mnist' | 'cifar10' (torchvision) | a path to an .npz | None (tiny_data/'s MNIST subset).
-
-    Returns {"x_train": uint8 (N, H, W, C), "y_train": int64 (N,), "x_test", "y_test",
-    "classes": [str]}, checked by validate_arrays (see Plumbing).
-    """
-    if name in (None, "tiny"):
-        name = TINY_DATA
+    """'mnist' | 'cifar10' (torchvision) | a path to an .npz | None (tiny_data/'s MNIST subset) ->
+    {"x_train": uint8 (N, H, W, C), "y_train": int64 (N,), "x_test", "y_test", "classes": [str]},
+    checked by validate_arrays (see Plumbing)."""
+    name = TINY_DATA if name in (None, "tiny") else name
     if name in ("mnist", "cifar10"):
         kind = {"mnist": "MNIST", "cifar10": "CIFAR10"}[name]
         return validate_arrays(_load_torchvision(kind, data_root), name)
     return validate_arrays(_load_npz(name), name)
 
-
 def to_float(x_uint8):
     """uint8 (B, H, W, C) numpy -> float (B, C, H, W) in [0, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(x_uint8))
     return rearrange(x, "b h w c -> b c h w").float().div(255)
-
 
 # -------------------------------------------------------------------------------------------------
 # 2. VQ tokenizer: images -> grids of discrete codes (van den Oord et al., 2017), 4x downsampling
@@ -70,10 +65,8 @@ class VQConfig:
     codebook_size: int = 256   # the GPT's vocabulary
     code_dim: int = 32
     commitment: float = 0.25   # weight of ||z_e - sg[e]||^2 (sg: stop-gradient)
-    l2_norm: bool = False      # look up by cosine: z_e and codes on the unit sphere (ViT-VQGAN,
-    #                            LlamaGen). On in every preset but cpu (vq_l2_norm); False (plain
-    #                            VQ-VAE) is the default so that older checkpoints load as trained
-
+    l2_norm: bool = False      # look up by cosine, z_e and codes on the unit sphere (ViT-VQGAN,
+    #                            LlamaGen): on in every preset but cpu (vq_l2_norm); off: VQ-VAE
 
 class ResBlock(nn.Module):
     def __init__(self, ch):
@@ -84,14 +77,12 @@ class ResBlock(nn.Module):
     def forward(self, x):
         return x + self.net(x)
 
-
 def vq_losses(z_e, z_q):
     """The two VQ-VAE terms. The commitment weight belongs on the second one only (a bug copied
     across many VQGAN codebases puts it on the first)."""
     codebook = F.mse_loss(z_q, z_e.detach())    # ||sg[z_e] - e||^2: moves the codes to the encoder
     commitment = F.mse_loss(z_e, z_q.detach())  # ||z_e - sg[e]||^2: keeps the encoder near them
     return codebook, commitment
-
 
 class VQTokenizer(nn.Module):
     def __init__(self, config):
@@ -161,14 +152,12 @@ class VQTokenizer(nn.Module):
         pick = torch.randint(0, len(flat), (int(dead.sum()),), device=flat.device)
         self.codebook.weight[dead] = flat[pick].to(self.codebook.weight.dtype)  # bf16 autocast
 
-
 def codebook_stats(indices, codebook_size):
     """Share of the codes used, and the perplexity of their distribution (at most codebook_size)."""
     counts = torch.bincount(indices.flatten(), minlength=codebook_size).float()
     p = counts / counts.sum()
     p = p[p > 0]
     return (counts > 0).float().mean().item(), torch.exp(-(p * p.log()).sum()).item()
-
 
 # -------------------------------------------------------------------------------------------------
 # 3. The class-conditional GPT (nanoGPT-style): [class, x_1 .. x_{N-1}] -> logits for x_1 .. x_N
@@ -182,7 +171,6 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-
 
 class SelfAttention(nn.Module):
     def __init__(self, c):
@@ -211,7 +199,6 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
-
 class Block(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -224,7 +211,6 @@ class Block(nn.Module):
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln1(x), cache)
         return x + self.mlp(self.ln2(x))
-
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -275,13 +261,11 @@ class GPT(nn.Module):
     def new_cache(self):
         return [[] for _ in self.blocks]
 
-
 def sequence_logprob(logits, tokens):
     """log p(x|c) = sum over the N tokens of log p(x_i | c, x_<i): logits (B, N, V), tokens (B, N)
     -> (B,), in float32."""
     nll = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none")
     return -nll.view(tokens.shape).sum(1)
-
 
 # -------------------------------------------------------------------------------------------------
 # 4. Sampling, with classifier-free guidance as one doubled batch
@@ -291,7 +275,6 @@ def cfg_logits(cond_logits, uncond_logits, scale):
     p(x|c)[p(x|c)/p(x)]^s per token (the VAR paper writes t = w - 1). Mixing logits or log-probs
     gives the same samples (they differ by a constant)."""
     return uncond_logits + scale * (cond_logits - uncond_logits)
-
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
@@ -309,7 +292,6 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before it already reaches top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
 
 @torch.no_grad()
 def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None,
@@ -337,7 +319,6 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=No
     model.train(was_training)
     return out
 
-
 # -------------------------------------------------------------------------------------------------
 # 5. The CCA loss and its baselines: pure functions of per-sequence log-likelihoods. With the
 #    porting kit (first below the banner) this section is what another codebase copies: torch
@@ -356,7 +337,6 @@ def _check_pairs(policy_pos, policy_neg, ref_pos, ref_neg, neg_as_pos):
                          f"{tuple(policy_pos.shape)}")
     return neg_as_pos.bool()
 
-
 def _reward_stats(gap_pos, gap_neg, flagged):
     """Diagnostics over the contrastive rows (all rows if every row is flagged), as detached 0-d
     tensors: masked means, so no host sync and no data-dependent shape (torch.compile-friendly)."""
@@ -369,7 +349,6 @@ def _reward_stats(gap_pos, gap_neg, flagged):
         return torch.where(rows, x, torch.zeros_like(x)).sum() / count
     return {"reward_acc": mean((gp > gn).float()), "margin": mean(gp - gn),
             "gap_pos": mean(gp), "gap_neg": mean(gn)}
-
 
 def cca_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta, lam, neg_as_pos=None,
              normalize=True):
@@ -408,7 +387,6 @@ def cca_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta, lam, neg_as_pos=
         loss = loss / max(lam, 1.0)              # the official rescale, for grad clipping's sake
     return loss, _reward_stats(gap_pos, gap_neg, flagged)
 
-
 def dpo_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta, lam=None, neg_as_pos=None,
              normalize=True):
     """DPO baseline: -log σ(β·(gap_pos - gap_neg)). Controls only the *relative* likelihood,
@@ -422,7 +400,6 @@ def dpo_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta, lam=None, neg_as
     real = (~flagged).float()
     loss = -F.logsigmoid(beta * (gap_pos - gap_neg))
     return (loss * real).sum() / real.sum().clamp(min=1), _reward_stats(gap_pos, gap_neg, flagged)
-
 
 def unlearning_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta=None, lam, neg_as_pos=None,
                     normalize=True):
@@ -440,9 +417,7 @@ def unlearning_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta=None, lam,
         loss = loss / max(lam, 1.0)
     return loss, _reward_stats(gap_pos, gap_neg, flagged)
 
-
 LOSSES = {"cca": cca_loss, "dpo": dpo_loss, "unlearning": unlearning_loss}
-
 
 def contrastive_labels(labels, num_classes, uncond_ratio=0.1, collisions="positive",
                        generator=None):
@@ -469,7 +444,6 @@ def contrastive_labels(labels, num_classes, uncond_ratio=0.1, collisions="positi
         return pos, neg, uncond, ~collide | uncond
     return pos, neg, uncond | collide, torch.ones_like(collide)
 
-
 def paired_logps(policy_logp, ref_logp, tokens, labels, num_classes, uncond_ratio=0.1,
                  collisions="positive", generator=None):
     """One batch as 2B rows [true pairs; negatives] through any model: policy_logp and ref_logp
@@ -484,18 +458,16 @@ def paired_logps(policy_logp, ref_logp, tokens, labels, num_classes, uncond_rati
         ref = ref_logp(both_tokens, both_labels)
     return logp, ref, flags
 
-
 def cca_batch_loss(policy_logp, ref_logp, tokens, labels, num_classes, loss="cca", beta=0.1,
                    lam=10.0, uncond_ratio=0.1, collisions="positive", generator=None):
     """The loss of one (micro-)batch for any model (callables as in paired_logps): tokens (B, N),
-    labels (B,) -> (loss, stats). The policy runs on 2B rows with gradients, the reference
-    without."""
+    labels (B,) -> (loss, stats); the policy runs on 2B rows with gradients, the reference not."""
+
     logp, ref, flags = paired_logps(policy_logp, ref_logp, tokens, labels, num_classes,
                                     uncond_ratio, collisions, generator)
     B = len(flags)
     return LOSSES[loss](logp[:B], logp[B:], ref[:B], ref[B:], beta=beta, lam=lam,
                         neg_as_pos=flags)
-
 
 def cca_step_loss(policy, reference, tokens, labels, loss="cca", beta=0.1, lam=10.0,
                   uncond_ratio=0.1, collisions="positive", generator=None):
@@ -505,7 +477,6 @@ def cca_step_loss(policy, reference, tokens, labels, loss="cca", beta=0.1, lam=1
     return cca_batch_loss(logp_of(policy), logp_of(reference), tokens, labels,
                           reference.config.num_classes, loss, beta, lam, uncond_ratio,
                           collisions, generator)
-
 
 # -------------------------------------------------------------------------------------------------
 # 6. Training: the optimiser and its schedule, batches, one loop, the stages. Their settings
@@ -518,7 +489,6 @@ def adamw(model, lr, weight_decay):
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-
 
 def cosine_lr(base, steps, warmup_frac, floor):
     """nanoGPT's get_lr as a function of the step: linear warm-up, cosine decay, then the floor."""
@@ -533,7 +503,6 @@ def cosine_lr(base, steps, warmup_frac, floor):
         return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
     return lr_at
 
-
 def batch_indices(n, batch_size, step, seed):
     """The rows of batch `step`: a fresh permutation each epoch, a pure function of (seed, step), so
     a resumed run sees exactly the batches an uninterrupted one would."""
@@ -542,7 +511,6 @@ def batch_indices(n, batch_size, step, seed):
     epoch_seed = seed * 7919 + epoch  # a prime stride: no two (seed, epoch) pairs share a seed
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
     return perm[i * batch_size:(i + 1) * batch_size]
-
 
 class Hooks:
     """How train_loop meets checkpoints and other processes: one process, nothing saved. The
@@ -569,7 +537,6 @@ class Hooks:
 
     def interrupted(self, name, model, optimizer, history, clean):
         return KeyboardInterrupt()  # Ctrl-C: the error to raise (clean: no half-made step)
-
 
 def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, seed, device,
                precision=None, grad_clip=None, hooks=Hooks()):
@@ -610,7 +577,6 @@ def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, seed, devic
         raise hooks.interrupted(name, model, optimizer, history, clean=not updating)
     bar.close()
     return history
-
 
 def train_tokenizer(data, settings, seed, device, hooks=Hooks()):
     """The VQ tokenizer: reconstruction + VQ losses, Adam, the rate on a cosine to vq_lr_floor x
@@ -653,7 +619,6 @@ def train_tokenizer(data, settings, seed, device, hooks=Hooks()):
                          device, settings["precision"], settings["grad_clip"], hooks)
     return {"model": model.state_dict(), "vq_config": asdict(model.config), "history": history}
 
-
 @torch.no_grad()
 def encode_all(tokenizer, x_uint8, device, batch=1000):
     """uint8 images (N, H, W, C) -> int16 token sequences (N, h*w) in raster order, the order the
@@ -663,7 +628,6 @@ def encode_all(tokenizer, x_uint8, device, batch=1000):
         grid = tokenizer.encode(to_float(x_uint8[i:i + batch]).to(device))  # (b, h, w)
         out.append(rearrange(grid, "b h w -> b (h w)").short().cpu())
     return torch.cat(out)
-
 
 def train_gpt(tokens, labels, num_classes, settings, seed, device, hooks=Hooks()):
     """Pretraining: next-token cross-entropy, the class replaced by the null class K with
@@ -692,7 +656,6 @@ def train_gpt(tokens, labels, num_classes, settings, seed, device, hooks=Hooks()
                          device, settings["precision"], settings["grad_clip"], hooks)
     return {"model": model.state_dict(), "gpt_config": asdict(gpt_config), "history": history}
 
-
 def finetune_cca(base, tokens, labels, settings, seed, device, hooks=Hooks()):
     """CCA (or a baseline): the policy starts from the pretrained weights, the reference is a frozen
     copy; dropout is off in both (eval mode), so that every gap is exactly 0 at step 0. The rate
@@ -717,7 +680,6 @@ def finetune_cca(base, tokens, labels, settings, seed, device, hooks=Hooks()):
                          settings["precision"], settings["grad_clip"], hooks)
     return {"model": policy.state_dict(), "gpt_config": asdict(policy.config), "history": history}
 
-
 # -------------------------------------------------------------------------------------------------
 # 7. Evaluation: a small classifier is the judge (Inception: not downloadable, not made for digits)
 
@@ -727,8 +689,7 @@ def classify(classifier, images, device, batch=500):
     on CPU. A classifier with `flip_average` (the shipped RGB judges) sees each image and its
     mirror and averages both (flip test-time averaging, as the fast CIFAR-10 recipes do)."""
     classifier.eval()
-    feats = []
-    probs = []
+    feats, probs = [], []
     for i in range(0, len(images), batch):
         x = images[i:i + batch]
         x = (to_float(x) if isinstance(x, np.ndarray) else x).to(device)
@@ -738,7 +699,6 @@ def classify(classifier, images, device, batch=500):
         feats.append((sum(f) / len(f)).cpu())
         probs.append((sum(p) / len(p)).cpu())
     return torch.cat(feats), torch.cat(probs)
-
 
 def fid_from_features(a, b):
     """Fréchet distance between Gaussians fitted to two feature sets (N, D):
@@ -754,13 +714,11 @@ def fid_from_features(a, b):
     cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
     return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
-
 def inception_score(probs):
     """exp E_x KL(p(y|x) || p(y)): K for confident, balanced predictions; 1 when every sample gets
     the same class."""
     p = probs.double().clamp(min=1e-12)
     return math.exp((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean().item())
-
 
 def precision_recall(real, fake, k=3):
     """k-NN precision and recall (Kynkäänniemi et al., 2019): a sample is 'covered' when it lies
@@ -775,7 +733,6 @@ def precision_recall(real, fake, k=3):
     recall = (d.T <= r_fake[None]).any(1).float().mean().item()
     return precision, recall
 
-
 def evaluate(images, labels, classifier, real_features, device, k=3):
     """Score generated images (float (B, C, H, W) in [0, 1], or uint8 NHWC) made for `labels` (B,):
     conditional accuracy, FID against `real_features` (the test set), classifier IS, and k-NN
@@ -789,10 +746,8 @@ def evaluate(images, labels, classifier, real_features, device, k=3):
             "fid": fid_from_features(feats, real_features), "is": inception_score(probs),
             "precision": precision, "recall": recall}
 
-
 def balanced_labels(n, num_classes, device="cpu"):
     return torch.arange(n, device=device) % num_classes
-
 
 def sample_images(model, tokenizer, labels, cfg_scale, grid, settings, device, seed, batch=500):
     """Images (B, C, H, W) for `labels`, with token grids of shape `grid` (h, w), generated in
@@ -809,7 +764,6 @@ def sample_images(model, tokenizer, labels, cfg_scale, grid, settings, device, s
     if device.type == "cuda":
         torch.cuda.synchronize()
     return torch.cat(images), (time.perf_counter() - t0) / len(labels)
-
 
 class Judge:
     """Generates `eval_samples` balanced, seeded samples for a model and scores them with
@@ -859,12 +813,10 @@ class Judge:
         per_class = [rng.permutation(np.flatnonzero(y == c))[:math.ceil(n / num_classes)]
                      for c in range(num_classes)]
         rounds = range(max(map(len, per_class)))
-        idx = np.array([p[i] for i in rounds for p in per_class if i < len(p)], dtype=np.int64)
-        idx = idx[:n]
+        idx = np.array([p[i] for i in rounds for p in per_class if i < len(p)], dtype=np.int64)[:n]
         scores = evaluate(self.data["x_train"][idx], y[idx], self.classifier, self.real,
                           self.device)
         return {**scores, "sec_per_image": None}
-
 
 def mean_and_std(runs):
     """Scores of several sets of samples [{metric: value}] -> {metric: mean, metric_std: sample
@@ -877,20 +829,17 @@ def mean_and_std(runs):
     for metric in runs[0]:
         values = [scores[metric] for scores in runs]
         if values[0] is None:  # e.g. no sampling time for real images
-            out[metric] = None
-            out[f"{metric}_std"] = None
+            out[metric] = out[f"{metric}_std"] = None
             continue
         out[metric] = float(np.mean(values))
         out[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
     return out
-
 
 def best_cfg_scale(score, candidates):
     """The CFG scale with the lowest FID among `candidates`, score(w) -> {"fid": ..., ...}.
     Returns (best w, {w: fid})."""
     fids = {w: score(w)["fid"] for w in candidates}
     return min(fids, key=fids.get), fids
-
 
 # -------------------------------------------------------------------------------------------------
 # 8. The pipeline: where the command line meets sections 1-7. Each stage takes the Pipeline (flags,
@@ -907,7 +856,6 @@ def run(args):
     for stage in stages:
         stage(pipeline)
 
-
 def stage_tokenizer(pipeline):
     """Stage 1, the VQ tokenizer, with its test-set report and a reconstruction grid."""
     settings, data, device = pipeline.settings, pipeline.data, pipeline.device
@@ -922,7 +870,6 @@ def stage_tokenizer(pipeline):
     report_tokenizer(pipeline, tokenizer, ckpt["history"])  # test scores, code usage, a figure
     pipeline.tokenizer = tokenizer
 
-
 def stage_tokens(pipeline):
     """Stage 2, the token cache: the GPT never sees pixels again. {"train": (N, h*w), "test": ..}"""
     tokenizer, data, device = pipeline.tokenizer, pipeline.data, pipeline.device
@@ -932,7 +879,6 @@ def stage_tokens(pipeline):
                 "test": encode_all(tokenizer, data["x_test"], device)}
     pipeline.tokens = run_stage(pipeline, "tokens", "tokens.pt", {"tokenizer": tokenizer.id},
                                 build)
-
 
 def stage_pretrain(pipeline):
     """Stage 3, pretraining with condition dropout; prints the size and bits per token."""
@@ -946,12 +892,10 @@ def stage_pretrain(pipeline):
     base = pipeline.models["base"] = load_gpt(pipeline.base_ckpt, device)
     report_pretrain(pipeline, base)  # its size, bits per token on train and test tokens
 
-
 def stage_cca(pipeline):
     """Stage 5, the CCA fine-tune (or a baseline) of the pretrained model, cached by settings."""
     loss = pipeline.settings["loss"]  # "cca", or the baseline's name
     pipeline.models[loss] = finetuned(pipeline, pipeline.settings)
-
 
 def finetuned(pipeline, settings):
     """The pretrained model fine-tuned with `settings` (the run's, or a sweep's λ)."""
@@ -963,13 +907,11 @@ def finetuned(pipeline, settings):
     ckpt = run_stage(pipeline, "cca", cca_name(settings) + ".pt", made_with, build)
     return load_gpt(ckpt, pipeline.device)
 
-
 def stage_judge(pipeline):
     """Stage 6, the judge (--judge; see judge_for) and the Judge that samples and scores with it."""
     classifier, name = judge_for(pipeline)
     pipeline.judge = Judge(classifier, pipeline.data, pipeline.tokenizer, pipeline.grid,
                            pipeline.settings, pipeline.device, pipeline.seed, name)
-
 
 def stage_eval(pipeline):
     """Stage 7, the table (metrics.json): real images, then each model without and with CFG, and
@@ -995,7 +937,6 @@ def stage_eval(pipeline):
     write_json(metrics, pipeline.path("metrics.json"))
     print(f"[eval] wrote {pipeline.path('metrics.json')}")
 
-
 # =================================================================================================
 # Plumbing: nothing below is needed to understand CCA. Settings validation, torchrun, reports,
 # checkpoints and resume, the reference judges (loading, training, choosing), figures and files,
@@ -1009,7 +950,6 @@ def stage_eval(pipeline):
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                    nn.FeatureAlphaDropout)
 
-
 def _random_settings(model):
     """(module name, module, attribute, value) for every nonzero source of randomness that a walk
     over the modules finds: the p of dropout modules, and every float attribute of a module whose
@@ -1022,7 +962,6 @@ def _random_settings(model):
             if probability and isinstance(value, float) and value != 0.0:
                 found.append((path, module, name, value))
     return found
-
 
 @contextlib.contextmanager
 def no_randomness(*models):
@@ -1041,7 +980,6 @@ def no_randomness(*models):
         for _, module, name, value in found:
             setattr(module, name, value)
 
-
 def step0_self_check(policy_logp, ref_logp, tokens, labels, num_classes, *, lam, models=(),
                      uncond_ratio=0.1):
     """Run before the first update, the policy holding the reference's weights. Every source of
@@ -1058,17 +996,14 @@ def step0_self_check(policy_logp, ref_logp, tokens, labels, num_classes, *, lam,
     closed_form = math.log(2) * (1 + weight.mean().item()) / max(lam, 1.0)
     return (logp - ref).abs().max().item(), loss.item() - closed_form
 
-
 # -------------------------------------------------------------------------------------------------
 
 class UserError(Exception):
     """A mistake the user can fix: the CLI prints it as one line and exits with status 2."""
     exit_code = 2
 
-
 class Interrupted(UserError):
     exit_code = 130  # Ctrl-C, after saving what can be resumed
-
 
 # The settings: COMMON, then the preset's values; a flag of the same name (--vq-steps: vq_steps)
 # overrides both. Steps are optimizer steps; epochs are passes over the training set.
@@ -1122,14 +1057,12 @@ COMMON = dict(  # the same for every preset unless it says otherwise
     eval_seeds=3,        # sets of samples per table row: the fewest that give a spread
     precision=None, samples_per_class=10,
     sweep_cfg=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0], sweep_lam=[1.0, 3.0, 10.0, 30.0, 100.0])
-# The judge's recipe, after the fast CIFAR-10 ones (Page's ResNet-9; Jordan's airbench): SGD with
-# Nesterov momentum, the rate warmed up linearly over `warmup` of the steps then decayed linearly
-# to 0, weight decay on weights only, label smoothing, random shifts (reflect padding) of up to
-# `shift` pixels, left-right flips for RGB only (digits must not be flipped)
+# The judge's recipe, after the fast CIFAR-10 ones (Page's ResNet-9; Jordan's airbench): Nesterov
+# SGD, the rate up linearly over `warmup` of the steps then down linearly to 0, weight decay on
+# weights only, label smoothing, random shifts of up to `shift` pixels, flips for RGB only
 JUDGE_RECIPE = dict(batch=256, lr=0.2, momentum=0.9, weight_decay=5e-4, label_smoothing=0.2,
                     warmup=0.2, shift={1: 2, 3: 4},
                     epochs={1: 2.0, 3: 16.0})  # by channels: digits need few passes
-
 
 # Settings and input validation
 
@@ -1157,14 +1090,11 @@ class Pipeline:
     def path(self, file):
         return os.path.join(self.out, file)
 
-
 def pick(settings, keys):
     return {k: settings[k] for k in keys}
 
-
 def setup(args):
-    """The Pipeline: device, settings, data, output folder; each mistake said before a download or
-    a write."""
+    """The Pipeline: device, settings, data, --out; each mistake said before a download or write."""
     device = init_distributed(pick_device(args.device))
     if args.pretrained and args.dataset not in (None, "tiny"):
         raise UserError("--pretrained uses the checkpoints shipped in tiny_data/, made on the "
@@ -1182,11 +1112,9 @@ def setup(args):
         from_rank0()
     name = dataset_name(args.dataset)
     out = args.out or os.path.join("runs", name)
-    try:
+    try:  # now, not after an hour of training
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test{RANK}")
-        open(probe, "w").close()
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         raise UserError(f"--out {out} is not a writable folder ({e.strerror})")
     if args.pretrained and RANK == 0:
@@ -1207,11 +1135,9 @@ def setup(args):
     return Pipeline(args, settings, device, data, fingerprint(data), args.seed, K, grid,
                     torch.from_numpy(data["y_train"]), out)
 
-
 STAGES = ["tokenizer", "tokens", "pretrain", "cca"]  # --retrain X redoes X and the stages after it
 REDO = {**{stage: STAGES[i:] for i, stage in enumerate(STAGES)},
         "classifier": ["classifier"], "all": STAGES + ["classifier"]}
-
 
 def pick_device(name):
     here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
@@ -1222,17 +1148,12 @@ def pick_device(name):
         raise UserError(f"--device {name}: {what} available here (use --device auto or cpu)")
     return torch.device(name)
 
-
-def default_preset(device, channels):
-    """gpu on a GPU; on a CPU, cpu_rgb for RGB images (CIFAR-10: about an hour), else cpu."""
-    if device.type != "cpu":
-        return "gpu"
-    return "cpu_rgb" if channels == 3 else "cpu"
-
-
 def chosen_preset(args, device):
-    return args.preset or default_preset(device, image_channels(args.dataset))
-
+    """--preset, else gpu on a GPU; on a CPU, cpu_rgb for RGB images (CIFAR-10: about an hour),
+    else cpu."""
+    if args.preset or device.type != "cpu":
+        return args.preset or "gpu"
+    return "cpu_rgb" if image_channels(args.dataset) == 3 else "cpu"
 
 def image_channels(dataset):
     """1 or 3 before any load (the flags are checked first); None: an unreadable .npz."""
@@ -1250,7 +1171,6 @@ def image_channels(dataset):
         return None
     return shape[3] if len(shape) == 4 else 1
 
-
 RULES = [  # (what a setting must be, the test, the settings; None, an unset option, passes)
     ("> 0", lambda v: v > 0, ["beta", "batch_size", "steps", "vq_steps", "vq_batch", "cca_epochs",
                               "judge_epochs", "eval_samples", "eval_seeds", "samples_per_class",
@@ -1264,7 +1184,6 @@ RULES = [  # (what a setting must be, the test, the settings; None, an unset opt
     ("in [0, 1]", lambda v: 0 <= v <= 1, ["cca_lr_floor"]),
     ("in (0, 1]", lambda v: 0 < v <= 1, ["top_p"]),
 ]
-
 
 def checked_settings(args, preset, device):
     """The preset overridden by every flag given; the first rule broken is the error."""
@@ -1284,14 +1203,12 @@ def checked_settings(args, preset, device):
                             f"processes, got {settings[key]}")
     return settings
 
-
 def validate_arrays(arrays, source):
-    """Check a dict with x_train, y_train, x_test, y_test (and optional classes); return it
-    normalised: NHWC uint8 images, int64 labels, class names."""
+    """Check x_train, y_train, x_test, y_test (and optional classes); return them normalised:
+    NHWC uint8 images, int64 labels, class names."""
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
-        raise UserError(f"{source}: missing arrays {missing}; expected x_train, y_train, x_test, "
-                        f"y_test")
+        raise UserError(f"{source}: missing arrays {missing} (x_train, y_train, x_test, y_test)")
     out = {}
     for split in ("train", "test"):
         x = np.asarray(arrays[f"x_{split}"])
@@ -1321,7 +1238,6 @@ def validate_arrays(arrays, source):
     out["classes"] = classes
     return out
 
-
 def check_split(x, y, split, source):
     """One split's images (N, H, W, C) and labels (N,): one rule per line."""
     if x.dtype != np.uint8:
@@ -1341,7 +1257,6 @@ def check_split(x, y, split, source):
         raise UserError(f"{source}: images are {x.shape[1]}x{x.shape[2]}; height and width must "
                         f"be multiples of 4")
 
-
 def _load_npz(name):
     if not name.endswith(".npz"):
         raise UserError(f"unknown --dataset {name!r}: use mnist, cifar10, or a path to an .npz "
@@ -1353,7 +1268,6 @@ def _load_npz(name):
             return {k: f[k] for k in f.files}
     except Exception as e:
         raise UserError(f"--dataset {name}: not a readable .npz file ({type(e).__name__})")
-
 
 def _load_torchvision(kind, root):
     import torchvision  # imported here: it is slow to import and only these two datasets need it
@@ -1374,7 +1288,6 @@ def _load_torchvision(kind, root):
         out[f"x_{split}"], out[f"y_{split}"] = np.asarray(ds.data), np.asarray(ds.targets)
     return {**out, "classes": list(ds.classes)}
 
-
 def fingerprint(data):
     """Sizes, image shape and a hash of the arrays: a checkpoint records the data it was made on."""
     import hashlib
@@ -1384,22 +1297,17 @@ def fingerprint(data):
     shape = "x".join(map(str, data["x_train"].shape[1:]))
     return f"{len(data['x_train'])}+{len(data['x_test'])}x{shape}:{h.hexdigest()[:10]}"
 
-
 def dataset_name(dataset):
     """'tiny', 'mnist', 'cifar10', or an .npz file's name without folder and extension."""
     if dataset in (None, "tiny"):
         return "tiny"
     return os.path.splitext(os.path.basename(dataset))[0]
 
-
-# Several processes (`torchrun --nproc_per_node=N minicca.py ...`). With one process RANK = 0,
-# WORLD = 1 and each helper is a no-op. Under torchrun every rank runs the whole program with the
-# same seed on its share of each global batch; DDP averages gradients, so all ranks keep identical
-# weights. Sampling and evaluation are not split: every rank computes the same seeded samples (so
-# the table matches one process's) and rank 0 reports them, which keeps the ranks in step without
-# long waits at a barrier.
+# Several processes (`torchrun --nproc_per_node=N minicca.py ...`; one process: RANK 0, WORLD 1,
+# every helper a no-op). Every rank runs the whole program with the same seed on its share of each
+# global batch; DDP averages gradients, so the weights stay identical. Sampling and evaluation are
+# not split: every rank draws the same seeded samples and rank 0 reports them (no barrier waits).
 RANK, WORLD = 0, 1
-
 
 def init_distributed(device):
     """Detect torchrun from its environment (as nanoGPT does) and join its process group: NCCL
@@ -1420,12 +1328,9 @@ def init_distributed(device):
         tqdm = functools.partial(tqdm, disable=True)
     return device
 
-
 def shard(batch):
-    """This rank's rows of a global batch: RANK, RANK + WORLD, ... (the split of torch's
-    DistributedSampler), kept a pure function of (seed, step) for --resume."""
+    """Rows RANK, RANK + WORLD, ... of a global batch (DistributedSampler's split; resume-safe)."""
     return batch[RANK::WORLD]
-
 
 def from_rank0(obj=None):
     """rank 0's `obj` on every rank; also a barrier (the others wait here for rank 0's writes)."""
@@ -1435,7 +1340,6 @@ def from_rank0(obj=None):
         obj = box[0]
     return obj
 
-
 def rank0_only(write):
     """Decorates a function that writes a file: under torchrun only rank 0 calls it."""
     @functools.wraps(write)
@@ -1443,18 +1347,14 @@ def rank0_only(write):
         return write(*args, **kwargs) if RANK == 0 else None
     return maybe_write
 
-
 def autocast(device, precision=None):
-    """--precision bf16: autocast (matmuls and convolutions in bfloat16, losses and softmax in
-    float32), on CUDA or the CPU; fp32: full precision. None: bf16 on CUDA, fp32 elsewhere."""
+    """bf16: matmuls and convolutions in bfloat16 (CUDA or CPU); fp32: none; None: bf16 on CUDA."""
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-
 def resolve_precision(precision, device):
     return precision or ("bf16" if device.type == "cuda" else "fp32")
-
 
 # Reports
 
@@ -1469,12 +1369,10 @@ def bits_per_token(model, tokens, labels, device, batch=500):
         total -= sequence_logprob(model(x, y), x).sum().item()
     return total / tokens.numel() / math.log(2)
 
-
 @torch.no_grad()
 def tokenizer_report(tokenizer, x_uint8, device, batch=1000):
     """Test-set reconstruction MSE and PSNR (images in [0, 1]), codebook usage and perplexity."""
-    mse = 0.0
-    codes = []
+    mse, codes = 0.0, []
     for i in range(0, len(x_uint8), batch):
         x = to_float(x_uint8[i:i + batch]).to(device)
         idx = tokenizer.encode(x)
@@ -1484,7 +1382,6 @@ def tokenizer_report(tokenizer, x_uint8, device, batch=1000):
     usage, perplexity = codebook_stats(torch.cat(codes), tokenizer.config.codebook_size)
     psnr = 10 * math.log10(1 / max(mse, 1e-12))
     return {"mse": mse, "psnr": psnr, "usage": usage, "perplexity": perplexity}
-
 
 def report_tokenizer(pipeline, tokenizer, history):
     """Test-set scores (for metrics.json), the training batches' lowest code usage, a figure."""
@@ -1502,7 +1399,6 @@ def report_tokenizer(pipeline, tokenizer, history):
     recon = tokenizer.decode(tokenizer.encode(x))
     save_grid(torch.cat([x, recon]), 16, pipeline.path("tokenizer_recon.png"))
 
-
 def report_pretrain(pipeline, base):
     tokens, device = pipeline.tokens, pipeline.device
     n_test = len(tokens["test"])
@@ -1512,7 +1408,6 @@ def report_pretrain(pipeline, base):
     millions = sum(p.numel() for p in base.parameters()) / 1e6
     print(f"[pretrain] {millions:.2f}M parameters; bits/token: train {train_bits:.3f}, "
           f"val {val_bits:.3f}")
-
 
 # Checkpoints and resume
 
@@ -1527,7 +1422,6 @@ def save_checkpoint(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def load_checkpoint(path, device="cpu", stage="all"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -1538,15 +1432,12 @@ def load_checkpoint(path, device="cpu", stage="all"):
                         f"delete it or pass --retrain {stage}")
     return ckpt
 
-
 def check_made_with(path, saved, wanted, fix):
     """A checkpoint made with other settings is an error naming each difference and the fix."""
-    keys = sorted(set(saved) | set(wanted))
-    diff = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in keys
+    diff = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
             if saved.get(k) != wanted.get(k)]
     if diff:
         raise UserError(f"{path} was made with other settings ({'; '.join(diff)}): {fix}")
-
 
 def run_stage(pipeline, name, file, made_with, build):
     """Load the checkpoint `file` under --out if it was made with the settings `made_with`, else
@@ -1568,7 +1459,6 @@ def run_stage(pipeline, name, file, made_with, build):
     ckpt["id"] = from_rank0(ckpt["id"])  # torchrun: one id; no rank goes on before the file exists
     print(f"[{name}] saved {path}")
     return ckpt
-
 
 @dataclass
 class Saves(Hooks):
@@ -1618,8 +1508,7 @@ class Saves(Hooks):
         save_checkpoint(state, self.partial)
 
     def after_step(self, model, optimizer, history, num_steps):
-        done = len(history)
-        if self.save_every and done % self.save_every == 0 and done < num_steps:
+        if self.save_every and len(history) % self.save_every == 0 and len(history) < num_steps:
             self.save(model, optimizer, history)
 
     def not_finite(self, name, step):
@@ -1634,22 +1523,18 @@ class Saves(Hooks):
         return Interrupted(f"[{name}] interrupted; progress up to the last save is in "
                            f"{self.partial}: rerun the same command with --resume to continue")
 
-
 # The reference judges: the shipped ones, one trained on a run's own data (--judge train, cached as
 # classifier.pt), and the one recipe (JUDGE_RECIPE) for both (tools/make_judge.py made the shipped)
 
 JUDGES = {"mnist": os.path.join(HERE, "tiny_data", "judge_mnist.pt"),
           "cifar10": os.path.join(HERE, "tiny_data", "judge_cifar10.pt")}
 
-
 def load_judge(name_or_path, device="cpu"):
-    """A shipped judge by name (JUDGES) or a file from tools/make_judge.py: a JudgeNet in eval mode
-    with float32 weights on `device`; judge.info holds how it was made (classes, image_shape,
-    test_accuracy, test_accuracy_flip, command, data, epochs, seconds, machine, date)."""
+    """A shipped judge by name (JUDGES) or a file from tools/make_judge.py: a JudgeNet in eval mode,
+    float32, on `device`; judge.info says how it was made (classes, image_shape, accuracy, ...)."""
     path = JUDGES.get(name_or_path, name_or_path)
     if not os.path.isfile(path):
-        raise UserError(f"no judge file {path} (make one: python tools/make_judge.py --dataset "
-                        f"...)")
+        raise UserError(f"no judge file {path} (make one: python tools/make_judge.py --help)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     judge = JudgeNet(**ckpt["judge_config"])
     judge.load_state_dict({k: v.float() if v.is_floating_point() else v
@@ -1658,13 +1543,11 @@ def load_judge(name_or_path, device="cpu"):
     judge.flip_average = judge.info.get("test_accuracy_flip") is not None  # RGB: mirror too
     return judge.to(device).eval()
 
-
 class JudgeNet(nn.Module):
-    """The reference judge, shaped like the fast CIFAR-10 networks (Page's ResNet-9, Jordan's
-    airbench) without residual branches: a conv stem, then three groups of conv -> 2x2 max-pool ->
-    conv with widths w, 4w, 4w, each conv followed by batch norm and GELU; a global max pool gives
-    the 4w-d features (128-d at w = 32: Inception's role for FID and precision/recall) and a
-    linear head the logits. (B, C, H, W) in [0, 1] -> features (B, 4w) -> logits (B, K)."""
+    """The judge, shaped like Page's ResNet-9 and Jordan's airbench without residuals: a stem, then
+    three groups conv -> max-pool -> conv of widths w, 4w, 4w (each conv: BN, GELU); a global max
+    pool gives the 4w-d features (Inception's role in FID, precision/recall), a linear head the
+    logits. (B, C, H, W) in [0, 1] -> features (B, 4w) -> logits (B, K)."""
 
     def __init__(self, channels, num_classes, width=32, stem=24):
         super().__init__()
@@ -1681,16 +1564,13 @@ class JudgeNet(nn.Module):
     def forward(self, x):
         return self.head(self.features(x))
 
-
 def conv_bn_gelu(i, o):
     return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.GELU()]
 
-
 def train_judge(data, epochs=None, width=32, seed=0, device="cpu", hooks=Hooks(),
                 recipe=JUDGE_RECIPE, precision=None, name="judge"):
-    """A JudgeNet of `width` trained on x_train for `epochs` passes (None: the recipe's for the
-    images' channels), then measured on x_test (single view). precision None: bf16 where the
-    hardware does bf16 math. Returns {"model": state dict, "history", "test_accuracy"}."""
+    """A JudgeNet trained on x_train (epochs None: the recipe's), scored on x_test; precision None:
+    bf16 where the hardware has it. Returns {"model": state dict, "history", "test_accuracy"}."""
     device = torch.device(device)
     X, Y = to_float(data["x_train"]), torch.from_numpy(data["y_train"])
     C = X.size(1)
@@ -1729,17 +1609,12 @@ def train_judge(data, epochs=None, width=32, seed=0, device="cpu", hooks=Hooks()
     accuracy = probs.argmax(1).eq(torch.from_numpy(data["y_test"])).float().mean().item()
     return {"model": model.state_dict(), "history": history, "test_accuracy": accuracy}
 
-
 def random_shift(x, pad):
     """(B, C, H, W): each image shifted by its own offset in [-pad, pad]^2 (reflect padding)."""
-    B, C, H, W = x.shape
+    H, W = x.shape[2:]
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, B))
-    rows = (dy[:, None] + torch.arange(H))[:, None, :, None]                    # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(W))[:, None, None, :]                    # (B, 1, 1, W)
-    return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None],
-                  rows, cols]
-
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, len(x))).tolist()
+    return torch.stack([image[:, i:i + H, j:j + W] for image, i, j in zip(padded, dy, dx)])
 
 def bf16_is_fast(device):
     """CUDA, and CPUs with AVX-512 BF16 / AMX (about 3x faster convolutions; elsewhere emulated)."""
@@ -1748,11 +1623,9 @@ def bf16_is_fast(device):
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return device.type == "cpu" and check is not None and check()
 
-
 def judge_for(pipeline):
-    """(classifier, name) for --judge: shipped (MNIST's for mnist, the tiny subset and mnist.npz,
-    CIFAR-10's for cifar10), train (on this run's images; the default where none is shipped), or
-    a judge file."""
+    """(classifier, name) for --judge: shipped (MNIST's for mnist, tiny, mnist.npz; CIFAR-10's for
+    cifar10), train (on this run's images; the default where none is shipped), or a judge file."""
     dataset, settings = dataset_name(pipeline.args.dataset), pipeline.settings
     shipped = JUDGES.get("mnist" if dataset == "tiny" else dataset)
     shipped = shipped if shipped is not None and os.path.exists(shipped) else None
@@ -1780,8 +1653,9 @@ def judge_for(pipeline):
     info, shape = classifier.info, tuple(pipeline.data["x_train"].shape[1:])
     if (tuple(info["image_shape"]), len(info["classes"])) != (shape, pipeline.K):
         raise UserError(f"the judge {path} was made for {len(info['classes'])} classes of "
-                        f"{tuple(info['image_shape'])} images, this data has {pipeline.K} classes "
-                        f"of {shape} images: use --judge train")
+                        f"{tuple(info['image_shape'])} images, not {pipeline.K} of {shape}: use "
+                        f"--judge train")
+
     name = os.path.relpath(path, HERE) if path.startswith(HERE) else path
     accuracy = info["test_accuracy_flip" if classifier.flip_average else "test_accuracy"]
     pipeline.reports["judge_accuracy"] = accuracy
@@ -1789,7 +1663,6 @@ def judge_for(pipeline):
     print(f"[judge] {name}: test accuracy {accuracy:.2%}{views} (where it was made; see "
           f"tiny_data/README.md)")
     return classifier, name
-
 
 def best_cfg_for(pipeline):
     """The base model's best CFG scale by FID among sweep_cfg's (w > 1): from this base and judge's
@@ -1809,7 +1682,6 @@ def best_cfg_for(pipeline):
           + ", ".join(f"{c:g}: {fid:.3g}" for c, fid in fids.items()) + ")")
     return w
 
-
 # The pipeline's figures and the sweep
 
 def stage_samples(pipeline):
@@ -1823,14 +1695,12 @@ def stage_samples(pipeline):
         save_grid(images, per_class, pipeline.path(file))
         print(f"[samples] {title}: {pipeline.path(file)} (a row per class)")
 
-
 def class_rows(pipeline, model, cfg_scale):
     """samples_per_class images of each class, class by class (the rows of a grid)."""
     labels = torch.arange(pipeline.K, device=pipeline.device)
     labels = labels.repeat_interleave(pipeline.settings["samples_per_class"])
     return sample_images(model, pipeline.tokenizer, labels, cfg_scale, pipeline.grid,
                          pipeline.settings, pipeline.device, pipeline.seed)[0]
-
 
 def stage_compare(pipeline):
     """The comparison figure: base and fine-tuned model, each without and with CFG."""
@@ -1842,7 +1712,6 @@ def stage_compare(pipeline):
     save_panels(pipeline.panels, settings["samples_per_class"], file,
                 f"β={settings['beta']:g}, λ={settings['lam']:g}, rows: classes")
     print(f"[cca] comparison: {file}")
-
 
 def stage_sweep(pipeline):
     """The paper's Fig. 4 at our scale: CFG scale on the base model against λ of CCA fine-tunes."""
@@ -1862,10 +1731,8 @@ def stage_sweep(pipeline):
     plot_sweep(result, pipeline.path("sweep.png"))
     print(f"[sweep] wrote {pipeline.path('sweep.json')} and {pipeline.path('sweep.png')}")
 
-
 def scores_line(scores):
     return ", ".join(f"{k} {v:.3g}" for k, v in scores.items() if not k.endswith("_std"))
-
 
 def cca_name(settings):
     """The fine-tune's file name: loss, β, λ, epochs, and the settings below if not the defaults
@@ -1881,12 +1748,10 @@ def cca_name(settings):
     return (f"cca_{settings['loss']}_b{settings['beta']:g}_l{settings['lam']:g}"
             f"_e{settings['cca_epochs']:g}{extra}")
 
-
 def load_gpt(ckpt, device):
     model = GPT(GPTConfig(**ckpt["gpt_config"])).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval()
-
 
 # Figures and files (rank 0 writes them)
 
@@ -1895,13 +1760,12 @@ def save_grid(images, nrow, path):
     import torchvision.utils
     torchvision.utils.save_image(images.float().cpu(), path, nrow=nrow, padding=1, pad_value=0.5)
 
-
 @rank0_only
 def save_panels(panels, nrow, path, title=""):
     """Several image grids side by side, each titled: {title: images (B, C, H, W)}."""
     from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend alone
     import torchvision.utils
-    fig = Figure(figsize=(3.2 * len(panels), 3.6))
+    fig = Figure(figsize=(3.2 * len(panels), 3.6), layout="tight")
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (name, imgs) in zip(axes[0], panels.items()):
         grid = torchvision.utils.make_grid(imgs.float().cpu(), nrow=nrow, padding=1, pad_value=0.5)
@@ -1909,15 +1773,12 @@ def save_panels(panels, nrow, path, title=""):
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-
 
 @rank0_only
 def plot_sweep(res, file):
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(10, 4))
-    axes = fig.subplots(1, 2)
+    axes = Figure(figsize=(10, 4), layout="tight").subplots(1, 2)
     for ax, (x, y) in zip(axes, [("accuracy", "fid"), ("recall", "precision")]):
         curves = [("cfg", "base + CFG (scale w)", "o-"), ("lam", "CCA, no guidance (λ)", "s-")]
         for key, label, style in curves:
@@ -1926,20 +1787,16 @@ def plot_sweep(res, file):
             for p in pts:
                 ax.annotate(f"{p[key]:g}", (p[x], p[y]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
+        ax.set(xlabel=x, ylabel=y)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(file, dpi=120)
-
+    axes[0].figure.savefig(file, dpi=120)
 
 @rank0_only
 def write_json(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
-
 
 def print_table(rows):
     """The evaluation table, as Markdown (so README tables are this output, pasted)."""
@@ -1950,18 +1807,14 @@ def print_table(rows):
         cells = [format_metric(col, row.get(col), row.get(f"{col}_std")) for col in cols]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
-
 def format_metric(col, value, std=None):
-    """Three decimals; FID with three significant digits; seconds in scientific notation (the
-    mean only); ± the standard deviation over sets of samples when there is one."""
+    """Three decimals, FID three significant digits, seconds (no spread) as 1.23e-04; ± the std."""
     if value is None:
         return "-"
     if col == "sec_per_image":
         return f"{value:.2e}"
-    if col == "fid":
-        return f"{value:.3g}" + ("" if std is None else f" ± {std:.2g}")
-    return f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
-
+    spec, std_spec = (".3g", ".2g") if col == "fid" else (".3f", ".3f")
+    return f"{value:{spec}}" + ("" if std is None else f" ± {std:{std_spec}}")
 
 # The command line
 
@@ -2008,7 +1861,6 @@ SETTING_FLAGS = {
         ("sweep-lam", [float], "λ values of the sweep, one fine-tune each")],
 }
 
-
 def defaults_of(key):
     """A setting's defaults as --help states them: COMMON's value, then each preset's own."""
     own = "; ".join(f"{name} {values[key]}" for name, values in PRESETS.items() if key in values)
@@ -2016,11 +1868,9 @@ def defaults_of(key):
         return f"preset: {own}"
     return f"default {COMMON[key]}" + (f"; {own}" if own else "")
 
-
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # "(default: None)" would hide that the preset decides
         return action.help if action.default is None else super()._get_help_string(action)
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -2085,7 +1935,6 @@ def parse_args(argv=None):
     args.redo = sorted({s for r in args.retrain for s in REDO[r]})
     return args
 
-
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -2108,7 +1957,6 @@ def main(argv=None):
     finally:
         if WORLD > 1:
             torch.distributed.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
