@@ -45,10 +45,9 @@ def load_dataset(name=None, data_root="data"):
     {"x_train": uint8 (N, H, W, C), "y_train": int64 (N,), "x_test", "y_test", "classes": [str]},
     checked by validate_arrays (see Plumbing)."""
     name = TINY_DATA if name in (None, "tiny") else name
-    if name in ("mnist", "cifar10"):
-        kind = {"mnist": "MNIST", "cifar10": "CIFAR10"}[name]
-        return validate_arrays(_load_torchvision(kind, data_root), name)
-    return validate_arrays(_load_npz(name), name)
+    kind = {"mnist": "MNIST", "cifar10": "CIFAR10"}.get(name)  # torchvision's class; None: an .npz
+    arrays = _load_torchvision(kind, data_root) if kind else _load_npz(name)
+    return validate_arrays(arrays, name)
 
 def to_float(x_uint8):
     """uint8 (B, H, W, C) numpy -> float (B, C, H, W) in [0, 1]."""
@@ -243,17 +242,15 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))                                            # (B, T, V)
 
     def forward(self, tokens, labels):
-        """tokens (B, T <= N), labels (B,) -> logits (B, T, V): logits[:, i] is the distribution
-        of token i given the class and tokens[:, :i]. The last token is never an input (teacher
-        forcing)."""
+        """tokens (B, T <= N), labels (B,) -> logits (B, T, V), teacher-forced: logits[:, i] is the
+        distribution of token i given the class and tokens[:, :i] (the last token is never read)."""
         class_token = self.class_emb(labels)[:, None]                             # (B, 1, C)
         x = torch.cat([class_token, self.tok_emb(tokens[:, :-1])], dim=1)         # (B, T, C)
         return self._through_blocks(x)
 
     def decode_step(self, prev_tokens, labels, cache):
         """Logits (B, V) of the next position, appending to `cache` (a list with one [] per layer
-        to start). prev_tokens (B,) is the token chosen at the previous position (ignored at
-        position 0)."""
+        to start). prev_tokens (B,) is the previous position's token (ignored at position 0)."""
         t = cache[0][0].size(2) if cache[0] else 0                                # positions done
         x = (self.class_emb(labels) if t == 0 else self.tok_emb(prev_tokens))[:, None]  # (B, 1, C)
         return self._through_blocks(x, start=t, cache=cache)[:, 0]
@@ -462,12 +459,10 @@ def cca_batch_loss(policy_logp, ref_logp, tokens, labels, num_classes, loss="cca
                    lam=10.0, uncond_ratio=0.1, collisions="positive", generator=None):
     """The loss of one (micro-)batch for any model (callables as in paired_logps): tokens (B, N),
     labels (B,) -> (loss, stats); the policy runs on 2B rows with gradients, the reference not."""
-
     logp, ref, flags = paired_logps(policy_logp, ref_logp, tokens, labels, num_classes,
                                     uncond_ratio, collisions, generator)
     B = len(flags)
-    return LOSSES[loss](logp[:B], logp[B:], ref[:B], ref[B:], beta=beta, lam=lam,
-                        neg_as_pos=flags)
+    return LOSSES[loss](logp[:B], logp[B:], ref[:B], ref[B:], beta=beta, lam=lam, neg_as_pos=flags)
 
 def cca_step_loss(policy, reference, tokens, labels, loss="cca", beta=0.1, lam=10.0,
                   uncond_ratio=0.1, collisions="positive", generator=None):
@@ -579,11 +574,11 @@ def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, seed, devic
     return history
 
 def train_tokenizer(data, settings, seed, device, hooks=Hooks()):
-    """The VQ tokenizer: reconstruction + VQ losses, Adam, the rate on a cosine to vq_lr_floor x
-    vq_lr. The first vq_ae_warmup x vq_steps steps train a plain autoencoder and the codebook
-    starts at their end. Why: a fresh encoder maps most patches to a few near-equal vectors, so
-    codes set on them collide (in CIFAR-10's steps 3-20 a batch used 57-70% of the codes); after
-    100 steps of features its outputs spread, and every batch after uses >= 98%."""
+    """The VQ tokenizer: reconstruction + VQ losses, Adam, the rate on a cosine (no warm-up) to
+    vq_lr_floor x vq_lr. The first vq_ae_warmup x vq_steps steps train a plain autoencoder and the
+    codebook starts at their end. Why: a fresh encoder maps most patches to a few near-equal
+    vectors, so codes set on them collide (in CIFAR-10's steps 3-20 a batch used 57-70% of the
+    codes); after 100 steps of features its outputs spread, and every batch after uses >= 98%."""
     X = to_float(data["x_train"])                                         # (N, C, H, W), on CPU
     vq_config = VQConfig(X.size(1), settings["vq_hidden"], settings["codebook_size"],
                          settings["code_dim"], l2_norm=settings["vq_l2_norm"])
@@ -613,8 +608,7 @@ def train_tokenizer(data, settings, seed, device, hooks=Hooks()):
         usage = codebook_stats(indices, settings["codebook_size"])[0]
         return mse + vq_loss, {"mse": mse.item(), "usage": usage}
 
-    lr_at = cosine_lr(settings["vq_lr"], settings["vq_steps"], 0.0,  # no warm-up of the rate
-                      settings["vq_lr_floor"])
+    lr_at = cosine_lr(settings["vq_lr"], settings["vq_steps"], 0.0, settings["vq_lr_floor"])
     history = train_loop("tokenizer", model, opt, settings["vq_steps"], lr_at, batch_loss, seed,
                          device, settings["precision"], settings["grad_clip"], hooks)
     return {"model": model.state_dict(), "vq_config": asdict(model.config), "history": history}
@@ -715,8 +709,7 @@ def fid_from_features(a, b):
     return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 def inception_score(probs):
-    """exp E_x KL(p(y|x) || p(y)): K for confident, balanced predictions; 1 when every sample gets
-    the same class."""
+    """exp E_x KL(p(y|x) || p(y)): K for confident, balanced predictions; 1 if all get one class."""
     p = probs.double().clamp(min=1e-12)
     return math.exp((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean().item())
 
@@ -766,8 +759,7 @@ def sample_images(model, tokenizer, labels, cfg_scale, grid, settings, device, s
     return torch.cat(images), (time.perf_counter() - t0) / len(labels)
 
 class Judge:
-    """Generates `eval_samples` balanced, seeded samples for a model and scores them with
-    `evaluate`."""
+    """Draws `eval_samples` balanced, seeded samples from a model and scores them (`evaluate`)."""
 
     def __init__(self, classifier, data, tokenizer, grid, settings, device, seed,
                  name="classifier"):
@@ -807,11 +799,9 @@ class Judge:
     def real_floor(self, seed=None):
         """Real training images, scored like samples: the best a generator can hope for at this
         count. ceil(n / K) images per class, interleaved class by class."""
-        n, y = self.settings["eval_samples"], self.data["y_train"]
-        num_classes = len(self.data["classes"])
+        n, y, K = self.settings["eval_samples"], self.data["y_train"], len(self.data["classes"])
         rng = np.random.default_rng(self.seed if seed is None else seed)
-        per_class = [rng.permutation(np.flatnonzero(y == c))[:math.ceil(n / num_classes)]
-                     for c in range(num_classes)]
+        per_class = [rng.permutation(np.flatnonzero(y == c))[:math.ceil(n / K)] for c in range(K)]
         rounds = range(max(map(len, per_class)))
         idx = np.array([p[i] for i in rounds for p in per_class if i < len(p)], dtype=np.int64)[:n]
         scores = evaluate(self.data["x_train"][idx], y[idx], self.classifier, self.real,
@@ -875,10 +865,8 @@ def stage_tokens(pipeline):
     tokenizer, data, device = pipeline.tokenizer, pipeline.data, pipeline.device
 
     def build(hooks):
-        return {"train": encode_all(tokenizer, data["x_train"], device),
-                "test": encode_all(tokenizer, data["x_test"], device)}
-    pipeline.tokens = run_stage(pipeline, "tokens", "tokens.pt", {"tokenizer": tokenizer.id},
-                                build)
+        return {s: encode_all(tokenizer, data[f"x_{s}"], device) for s in ("train", "test")}
+    pipeline.tokens = run_stage(pipeline, "tokens", "tokens.pt", {"tokenizer": tokenizer.id}, build)
 
 def stage_pretrain(pipeline):
     """Stage 3, pretraining with condition dropout; prints the size and bits per token."""
@@ -1149,18 +1137,15 @@ def pick_device(name):
     return torch.device(name)
 
 def chosen_preset(args, device):
-    """--preset, else gpu on a GPU; on a CPU, cpu_rgb for RGB images (CIFAR-10: about an hour),
-    else cpu."""
+    """--preset, else gpu on a GPU; on a CPU, cpu_rgb for RGB images, else cpu."""
     if args.preset or device.type != "cpu":
         return args.preset or "gpu"
     return "cpu_rgb" if image_channels(args.dataset) == 3 else "cpu"
 
 def image_channels(dataset):
     """1 or 3 before any load (the flags are checked first); None: an unreadable .npz."""
-    if dataset in (None, "tiny", "mnist"):
-        return 1
-    if dataset == "cifar10":
-        return 3
+    if dataset in (None, "tiny", "mnist", "cifar10"):
+        return 3 if dataset == "cifar10" else 1
     try:  # the shape is in the header of x_train.npy inside the .npz (a zip file)
         with zipfile.ZipFile(dataset) as archive, archive.open("x_train.npy") as f:
             version = np.lib.format.read_magic(f)
@@ -1204,20 +1189,17 @@ def checked_settings(args, preset, device):
     return settings
 
 def validate_arrays(arrays, source):
-    """Check x_train, y_train, x_test, y_test (and optional classes); return them normalised:
-    NHWC uint8 images, int64 labels, class names."""
+    """The arrays checked and normalised: NHWC uint8 images, int64 labels, class names (str)."""
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise UserError(f"{source}: missing arrays {missing} (x_train, y_train, x_test, y_test)")
     out = {}
     for split in ("train", "test"):
-        x = np.asarray(arrays[f"x_{split}"])
-        y = np.asarray(arrays[f"y_{split}"])
+        x, y = np.asarray(arrays[f"x_{split}"]), np.asarray(arrays[f"y_{split}"])
         if x.ndim == 3:
             x = x[..., None]  # NHW -> NHWC
         check_split(x, y, split, source)
-        out[f"x_{split}"] = x
-        out[f"y_{split}"] = y.astype(np.int64)
+        out[f"x_{split}"], out[f"y_{split}"] = x, y.astype(np.int64)
     if out["x_train"].shape[1:] != out["x_test"].shape[1:]:
         raise UserError(f"{source}: train images {out['x_train'].shape[1:]} and test images "
                         f"{out['x_test'].shape[1:]} differ in shape")
@@ -1299,9 +1281,7 @@ def fingerprint(data):
 
 def dataset_name(dataset):
     """'tiny', 'mnist', 'cifar10', or an .npz file's name without folder and extension."""
-    if dataset in (None, "tiny"):
-        return "tiny"
-    return os.path.splitext(os.path.basename(dataset))[0]
+    return os.path.splitext(os.path.basename(dataset or "tiny"))[0]
 
 # Several processes (`torchrun --nproc_per_node=N minicca.py ...`; one process: RANK 0, WORLD 1,
 # every helper a no-op). Every rank runs the whole program with the same seed on its share of each
@@ -1537,8 +1517,7 @@ def load_judge(name_or_path, device="cpu"):
         raise UserError(f"no judge file {path} (make one: python tools/make_judge.py --help)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     judge = JudgeNet(**ckpt["judge_config"])
-    judge.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in ckpt["model"].items()})
+    judge.load_state_dict(ckpt["model"])  # a float16 file still gives float32 weights
     judge.info = ckpt["info"]
     judge.flip_average = judge.info.get("test_accuracy_flip") is not None  # RGB: mirror too
     return judge.to(device).eval()
@@ -1551,8 +1530,7 @@ class JudgeNet(nn.Module):
 
     def __init__(self, channels, num_classes, width=32, stem=24):
         super().__init__()
-        self.config = {"channels": channels, "num_classes": num_classes, "width": width,
-                       "stem": stem}
+        self.config = dict(channels=channels, num_classes=num_classes, width=width, stem=stem)
         layers, prev = conv_bn_gelu(channels, stem), stem
         for w in (width, 4 * width, 4 * width):      # 32x32 -> 16 -> 8 -> 4 (28x28 -> 14 -> 7 -> 3)
             conv, *norm = conv_bn_gelu(prev, w)
@@ -1600,11 +1578,9 @@ def train_judge(data, epochs=None, width=32, seed=0, device="cpu", hooks=Hooks()
         return F.cross_entropy(logits.float(), y.to(device),
                                label_smoothing=recipe["label_smoothing"]), {}
 
-    model.train()
     precision = precision or ("bf16" if bf16_is_fast(device) else "fp32")
     history = train_loop(name, model, opt, steps, lr_at, batch_loss, seed, device, precision,
                          None, hooks)
-    model.eval()
     probs = classify(model, data["x_test"], device)[1]
     accuracy = probs.argmax(1).eq(torch.from_numpy(data["y_test"])).float().mean().item()
     return {"model": model.state_dict(), "history": history, "test_accuracy": accuracy}
@@ -1633,11 +1609,9 @@ def judge_for(pipeline):
     if choice == "train":
         made_with = {"data": pipeline.data_id, "seed": pipeline.seed,
                      **pick(settings, ["judge_width", "judge_epochs", "precision"])}
-
-        def build(hooks):  # seed + 2: not the GPT's batches
-            return train_judge(pipeline.data, settings["judge_epochs"], settings["judge_width"],
-                               pipeline.seed + 2, pipeline.device, hooks,
-                               precision=settings["precision"], name="classifier")
+        build = functools.partial(  # seed + 2: not the GPT's batches
+            train_judge, pipeline.data, settings["judge_epochs"], settings["judge_width"],
+            pipeline.seed + 2, pipeline.device, precision=settings["precision"], name="classifier")
         ckpt = run_stage(pipeline, "classifier", "classifier.pt", made_with, build)
         classifier = JudgeNet(pipeline.data["x_train"].shape[3], pipeline.K,
                               settings["judge_width"])
@@ -1655,7 +1629,6 @@ def judge_for(pipeline):
         raise UserError(f"the judge {path} was made for {len(info['classes'])} classes of "
                         f"{tuple(info['image_shape'])} images, not {pipeline.K} of {shape}: use "
                         f"--judge train")
-
     name = os.path.relpath(path, HERE) if path.startswith(HERE) else path
     accuracy = info["test_accuracy_flip" if classifier.flip_average else "test_accuracy"]
     pipeline.reports["judge_accuracy"] = accuracy
@@ -1686,13 +1659,12 @@ def best_cfg_for(pipeline):
 
 def stage_samples(pipeline):
     """4. Samples of the base model, guidance-free and with CFG: a row per class."""
-    w, per_class = pipeline.settings["cfg"], pipeline.settings["samples_per_class"]
-    base = pipeline.models["base"]
+    w, base = pipeline.settings["cfg"], pipeline.models["base"]
     pipeline.panels = {"base, no guidance": class_rows(pipeline, base, 1.0),
                        f"base, CFG {w:g}": class_rows(pipeline, base, w)}
     files = ["samples_base.png", f"samples_base_cfg{w:g}.png"]
     for (title, images), file in zip(pipeline.panels.items(), files):
-        save_grid(images, per_class, pipeline.path(file))
+        save_grid(images, pipeline.settings["samples_per_class"], pipeline.path(file))
         print(f"[samples] {title}: {pipeline.path(file)} (a row per class)")
 
 def class_rows(pipeline, model, cfg_scale):
@@ -1782,9 +1754,8 @@ def plot_sweep(res, file):
     for ax, (x, y) in zip(axes, [("accuracy", "fid"), ("recall", "precision")]):
         curves = [("cfg", "base + CFG (scale w)", "o-"), ("lam", "CCA, no guidance (λ)", "s-")]
         for key, label, style in curves:
-            pts = res[key]
-            ax.plot([p[x] for p in pts], [p[y] for p in pts], style, label=label)
-            for p in pts:
+            ax.plot([p[x] for p in res[key]], [p[y] for p in res[key]], style, label=label)
+            for p in res[key]:
                 ax.annotate(f"{p[key]:g}", (p[x], p[y]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
         ax.set(xlabel=x, ylabel=y)
