@@ -23,7 +23,6 @@ import os
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -317,9 +316,9 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=No
     return out
 
 # -------------------------------------------------------------------------------------------------
-# 5. The CCA loss and its baselines: pure functions of per-sequence log-likelihoods. With the
-#    porting kit (first below the banner) this section is what another codebase copies: torch
-#    only, no other name from this file (docs/porting.md).
+# 5. The CCA loss and its baselines: pure functions of per-sequence log-likelihoods. With
+#    sequence_logprob and the porting kit (first below the banner), what another codebase copies,
+#    torch only (docs/porting.md); the last function, cca_step_loss, is this file's own use.
 
 def _check_pairs(policy_pos, policy_neg, ref_pos, ref_neg, neg_as_pos):
     """Four (B,) tensors of the same shape; returns neg_as_pos as bool (B,) (all False if None)."""
@@ -388,12 +387,11 @@ def dpo_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta, lam=None, neg_as
              normalize=True):
     """DPO baseline: -log σ(β·(gap_pos - gap_neg)). Controls only the *relative* likelihood,
     which lets both fall (it collapses LlamaGen in the paper). Flagged rows are no contrast and
-    are left out (a masked mean). lam and normalize are unused: each row's term is bounded."""
+    are left out (a masked mean). lam and normalize are unused: no term is weighted by λ."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     flagged = _check_pairs(policy_pos, policy_neg, ref_pos, ref_neg, neg_as_pos)
-    gap_pos = policy_pos - ref_pos
-    gap_neg = policy_neg - ref_neg
+    gap_pos, gap_neg = policy_pos - ref_pos, policy_neg - ref_neg
     real = (~flagged).float()
     loss = -F.logsigmoid(beta * (gap_pos - gap_neg))
     return (loss * real).sum() / real.sum().clamp(min=1), _reward_stats(gap_pos, gap_neg, flagged)
@@ -406,8 +404,7 @@ def unlearning_loss(policy_pos, policy_neg, ref_pos, ref_neg, *, beta=None, lam,
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     flagged = _check_pairs(policy_pos, policy_neg, ref_pos, ref_neg, neg_as_pos)
-    gap_pos = policy_pos - ref_pos
-    gap_neg = policy_neg - ref_neg
+    gap_pos, gap_neg = policy_pos - ref_pos, policy_neg - ref_neg
     neg = torch.where(flagged, -gap_neg, float(lam) * gap_neg)
     loss = -gap_pos.mean() + neg.mean()
     if normalize:
@@ -475,7 +472,7 @@ def cca_step_loss(policy, reference, tokens, labels, loss="cca", beta=0.1, lam=1
 
 # -------------------------------------------------------------------------------------------------
 # 6. Training: the optimiser and its schedule, batches, one loop, the stages. Their settings
-#    (every default: PRESETS, COMMON, JUDGE_RECIPE) sit below the banner, under "Settings".
+#    (every default: PRESETS and COMMON) sit below the banner, under "Settings".
 
 def adamw(model, lr, weight_decay):
     """AdamW with decay on matrices only (nanoGPT), betas (0.9, 0.95) as in LlamaGen and CCA."""
@@ -503,7 +500,7 @@ def batch_indices(n, batch_size, step, seed):
     a resumed run sees exactly the batches an uninterrupted one would."""
     per_epoch = max(n // batch_size, 1)
     epoch, i = divmod(step, per_epoch)
-    epoch_seed = seed * 7919 + epoch  # a prime stride: no two (seed, epoch) pairs share a seed
+    epoch_seed = seed * 7919 + epoch  # distinct for every (seed, epoch < 7919)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
     return perm[i * batch_size:(i + 1) * batch_size]
 
@@ -514,22 +511,16 @@ class Hooks:
 
     def wrap(self, model, find_unused_parameters=False):
         return model  # the model as a training step calls it
-
     def shard(self, batch):
         return batch  # this process's rows of a global batch
-
     def average(self, stats):
         return stats  # the global batch's numbers, from this process's
-
     def restore(self, name, model, optimizer, num_steps):
         return 0, []  # (first step, history so far)
-
     def after_step(self, model, optimizer, history, num_steps):
-        pass  # a periodic save
-
+        pass  # nothing to save (Saves: a periodic save)
     def not_finite(self, name, step):
-        return FloatingPointError(f"[{name}] non-finite loss at step {step}")
-
+        return FloatingPointError(f"[{name}] non-finite loss at step {step}")  # the error to raise
     def interrupted(self, name, model, optimizer, history, clean):
         return KeyboardInterrupt()  # Ctrl-C: the error to raise (clean: no half-made step)
 
@@ -548,12 +539,12 @@ def train_loop(name, model, optimizer, num_steps, lr_at, batch_loss, seed, devic
     updating = False
     try:
         for step in bar:
-            torch.manual_seed(seed * 1_000_003 + step)  # prime: (seed, step) never share a seed
+            torch.manual_seed(seed * 1_000_003 + step)  # distinct while step < 1,000,003
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             with autocast(device, precision):
                 loss, stats = batch_loss(step)
-            stats = {k: float(v) for k, v in stats.items()}  # the losses return 0-d tensors
+            stats = {k: float(v) for k, v in stats.items()}  # 0-d tensors or floats
             logged = hooks.average({"loss": loss.item(), **stats})
             if not math.isfinite(logged["loss"]):
                 raise hooks.not_finite(name, step)
@@ -658,7 +649,7 @@ def finetune_cca(base, tokens, labels, settings, seed, device, hooks=Hooks()):
     reference = copy.deepcopy(base).eval().requires_grad_(False)
     opt = adamw(policy, settings["cca_lr"], settings["weight_decay"])
     net = hooks.wrap(policy)  # the frozen reference is never wrapped
-    B = min(settings["cca_batch_size"] or settings["batch_size"], len(tokens))  # rows = negatives
+    B = min(settings["cca_batch_size"] or settings["batch_size"], len(tokens))  # = negatives' pool
     steps = max(math.ceil(settings["cca_epochs"] * len(tokens) / B), 1)
 
     def batch_loss(step):  # under torchrun, negatives come from each rank's rows, as officially
@@ -717,9 +708,9 @@ def precision_recall(real, fake, k=3):
     """k-NN precision and recall (Kynkäänniemi et al., 2019): a sample is 'covered' when it lies
     within the distance from some point of the other set to that point's k-th nearest neighbour
     in its own set."""
+    k = min(k, len(real) - 1, len(fake) - 1)  # tiny sets: the k-th neighbour must exist
     def radii(x):
         return torch.cdist(x, x).kthvalue(k + 1, dim=1).values        # +1: skip the point itself
-    k = min(k, len(real) - 1, len(fake) - 1)  # tiny sets: the k-th neighbour must exist
     r_real, r_fake = radii(real), radii(fake)
     d = torch.cdist(fake, real)                                        # (Nf, Nr)
     precision = (d <= r_real[None]).any(1).float().mean().item()
@@ -759,7 +750,7 @@ def sample_images(model, tokenizer, labels, cfg_scale, grid, settings, device, s
     return torch.cat(images), (time.perf_counter() - t0) / len(labels)
 
 class Judge:
-    """Draws `eval_samples` balanced, seeded samples from a model and scores them (`evaluate`)."""
+    """Scores sets of eval_samples balanced, seeded samples (evaluate); a row is eval_seeds sets."""
 
     def __init__(self, classifier, data, tokenizer, grid, settings, device, seed,
                  name="classifier"):
@@ -771,6 +762,7 @@ class Judge:
         self.settings = settings
         self.device = device
         self.seed = seed
+        self.row_seeds = range(seed, seed + settings.get("eval_seeds", 1))  # a table row's seeds
         self.real = classify(classifier, data["x_test"], device)[0]
         self.labels = balanced_labels(settings["eval_samples"], len(data["classes"]), device)
 
@@ -784,17 +776,13 @@ class Judge:
         scores = evaluate(images, labels, self.classifier, self.real, self.device)
         return {**scores, "sec_per_image": sec}
 
-    def seeds(self):
-        """eval_seeds sets of samples: seeds seed, seed + 1, ..."""
-        return range(self.seed, self.seed + self.settings.get("eval_seeds", 1))
-
     def row(self, model, cfg_scale):
         """A table row: the mean and std over the sets of samples."""
-        return mean_and_std([self(model, cfg_scale, seed) for seed in self.seeds()])
+        return mean_and_std([self(model, cfg_scale, seed) for seed in self.row_seeds])
 
     def real_row(self):
         """The real floor, over as many draws of training images as a row has sets of samples."""
-        return mean_and_std([self.real_floor(seed) for seed in self.seeds()])
+        return mean_and_std([self.real_floor(seed) for seed in self.row_seeds])
 
     def real_floor(self, seed=None):
         """Real training images, scored like samples: the best a generator can hope for at this
@@ -882,8 +870,7 @@ def stage_pretrain(pipeline):
 
 def stage_cca(pipeline):
     """Stage 5, the CCA fine-tune (or a baseline) of the pretrained model, cached by settings."""
-    loss = pipeline.settings["loss"]  # "cca", or the baseline's name
-    pipeline.models[loss] = finetuned(pipeline, pipeline.settings)
+    pipeline.models[pipeline.settings["loss"]] = finetuned(pipeline, pipeline.settings)
 
 def finetuned(pipeline, settings):
     """The pretrained model fine-tuned with `settings` (the run's, or a sweep's λ)."""
@@ -1143,16 +1130,13 @@ def chosen_preset(args, device):
     return "cpu_rgb" if image_channels(args.dataset) == 3 else "cpu"
 
 def image_channels(dataset):
-    """1 or 3 before any load (the flags are checked first); None: an unreadable .npz."""
+    """1 or 3 before any download (the flags are checked first); None: an unreadable .npz."""
     if dataset in (None, "tiny", "mnist", "cifar10"):
         return 3 if dataset == "cifar10" else 1
-    try:  # the shape is in the header of x_train.npy inside the .npz (a zip file)
-        with zipfile.ZipFile(dataset) as archive, archive.open("x_train.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape = read_header(f)[0]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+    try:  # an .npz is local: read its x_train (load_dataset says what is wrong with it)
+        with np.load(dataset, allow_pickle=False) as f:
+            shape = f["x_train"].shape
+    except Exception:
         return None
     return shape[3] if len(shape) == 4 else 1
 
@@ -1160,8 +1144,7 @@ RULES = [  # (what a setting must be, the test, the settings; None, an unset opt
     ("> 0", lambda v: v > 0, ["beta", "batch_size", "steps", "vq_steps", "vq_batch", "cca_epochs",
                               "judge_epochs", "eval_samples", "eval_seeds", "samples_per_class",
                               "lr", "cca_lr", "n_layer", "n_embd", "n_head", "cca_batch_size"]),
-    (">= 0", lambda v: v >= 0, ["lam", "cfg", "temperature", "seed"]),
-    (">= 0 (0: never)", lambda v: v >= 0, ["save_every"]),
+    (">= 0", lambda v: v >= 0, ["lam", "cfg", "temperature", "seed", "save_every"]),
     (">= 1", lambda v: v >= 1, ["top_k"]),
     (">= 2", lambda v: v >= 2, ["codebook_size"]),
     ("in [0, 1)", lambda v: 0 <= v < 1, ["uncond_ratio", "cond_dropout", "dropout",
@@ -1301,16 +1284,11 @@ def init_distributed(device):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    RANK = torch.distributed.get_rank()
-    WORLD = torch.distributed.get_world_size()
+    RANK, WORLD = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if RANK > 0:  # quiet: no prints, no progress bars
         sys.stdout = open(os.devnull, "w")
         tqdm = functools.partial(tqdm, disable=True)
     return device
-
-def shard(batch):
-    """Rows RANK, RANK + WORLD, ... of a global batch (DistributedSampler's split; resume-safe)."""
-    return batch[RANK::WORLD]
 
 def from_rank0(obj=None):
     """rank 0's `obj` on every rank; also a barrier (the others wait here for rank 0's writes)."""
@@ -1382,9 +1360,8 @@ def report_tokenizer(pipeline, tokenizer, history):
 def report_pretrain(pipeline, base):
     tokens, device = pipeline.tokens, pipeline.device
     n_test = len(tokens["test"])
-    y_test = torch.from_numpy(pipeline.data["y_test"])
     train_bits = bits_per_token(base, tokens["train"][:n_test], pipeline.y_train[:n_test], device)
-    val_bits = bits_per_token(base, tokens["test"], y_test, device)
+    val_bits = bits_per_token(base, tokens["test"], torch.tensor(pipeline.data["y_test"]), device)
     millions = sum(p.numel() for p in base.parameters()) / 1e6
     print(f"[pretrain] {millions:.2f}M parameters; bits/token: train {train_bits:.3f}, "
           f"val {val_bits:.3f}")
@@ -1455,8 +1432,8 @@ class Saves(Hooks):
         return model if WORLD == 1 else nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=find_unused_parameters)
 
-    def shard(self, batch):
-        return shard(batch)
+    def shard(self, batch):  # rows RANK, RANK + WORLD, ... (DistributedSampler's split)
+        return batch[RANK::WORLD]
 
     def average(self, stats):  # the global batch's numbers, as one process would log them
         if WORLD == 1:
@@ -1547,8 +1524,8 @@ def conv_bn_gelu(i, o):
 
 def train_judge(data, epochs=None, width=32, seed=0, device="cpu", hooks=Hooks(),
                 recipe=JUDGE_RECIPE, precision=None, name="judge"):
-    """A JudgeNet trained on x_train (epochs None: the recipe's), scored on x_test; precision None:
-    bf16 where the hardware has it. Returns {"model": state dict, "history", "test_accuracy"}."""
+    """A JudgeNet trained on x_train (epochs None: the recipe's), scored on x_test; precision as in
+    train_loop. Returns {"model": state dict, "history", "test_accuracy"}."""
     device = torch.device(device)
     X, Y = to_float(data["x_train"]), torch.from_numpy(data["y_train"])
     C = X.size(1)
@@ -1578,7 +1555,6 @@ def train_judge(data, epochs=None, width=32, seed=0, device="cpu", hooks=Hooks()
         return F.cross_entropy(logits.float(), y.to(device),
                                label_smoothing=recipe["label_smoothing"]), {}
 
-    precision = precision or ("bf16" if bf16_is_fast(device) else "fp32")
     history = train_loop(name, model, opt, steps, lr_at, batch_loss, seed, device, precision,
                          None, hooks)
     probs = classify(model, data["x_test"], device)[1]
@@ -1591,13 +1567,6 @@ def random_shift(x, pad):
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dy, dx = torch.randint(0, 2 * pad + 1, (2, len(x))).tolist()
     return torch.stack([image[:, i:i + H, j:j + W] for image, i, j in zip(padded, dy, dx)])
-
-def bf16_is_fast(device):
-    """CUDA, and CPUs with AVX-512 BF16 / AMX (about 3x faster convolutions; elsewhere emulated)."""
-    if device.type == "cuda":
-        return True
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return device.type == "cpu" and check is not None and check()
 
 def judge_for(pipeline):
     """(classifier, name) for --judge: shipped (MNIST's for mnist, tiny, mnist.npz; CIFAR-10's for
@@ -1789,15 +1758,15 @@ def format_metric(col, value, std=None):
 
 # The command line
 
-# The flags that set the setting of the same name (--vq-steps: vq_steps), by group: (flag, type,
-# what it sets); a list type is a choice of names or ([float]) a list of numbers. Left unset they
-# keep the preset's value; --help states the defaults from COMMON and PRESETS.
+# The flags that set the setting of the same name (--vq-steps: vq_steps), by group: (flag, type or
+# argparse's keywords, what it sets). Left unset they keep the preset's value; --help states the
+# defaults from COMMON and PRESETS.
 SETTING_FLAGS = {
     "tokenizer": [
         ("vq-steps", int, "tokenizer optimizer steps"), ("vq-hidden", int, "tokenizer conv width"),
         ("vq-batch", int, "tokenizer batch size"),
         ("codebook-size", int, "codes in the codebook = the GPT's vocabulary"),
-        ("vq-l2-norm", bool, "look codes up by cosine (on) or by plain distance (off)")],
+        ("vq-l2-norm", dict(action=argparse.BooleanOptionalAction), "look up codes by cosine")],
     "pretraining": [
         ("n-layer", int, "transformer blocks"), ("n-head", int, "attention heads"),
         ("n-embd", int, "width"), ("dropout", float, "dropout in the GPT"),
@@ -1812,7 +1781,7 @@ SETTING_FLAGS = {
         ("top-p", float, "nucleus sampling: the smallest set with this mass"),
         ("samples-per-class", int, "columns of the sample grids")],
     "CCA fine-tuning": [
-        ("loss", list(LOSSES), "cca, or the paper's baselines"),
+        ("loss", dict(choices=list(LOSSES)), "cca, or the paper's baselines"),
         ("beta", float, "β, which scales the log-likelihood ratio (see README)"),
         ("lam", float, "λ, the weight of the negatives: the diversity-fidelity knob"),
         ("cca-epochs", float, "passes over the training tokens"),
@@ -1821,15 +1790,15 @@ SETTING_FLAGS = {
         ("cca-lr-floor", float, "final rate / --cca-lr, reached on a cosine (1: constant)"),
         ("cca-batch-size", int, "CCA batch size (None: --batch-size)"),
         ("uncond-ratio", float, "share of rows with the null class on both branches"),
-        ("collisions", ["positive", "mask", "resample"],
+        ("collisions", dict(choices=["positive", "mask", "resample"]),
          "what to do when the rolled negative class equals the true class")],
     "evaluation": [
         ("eval-samples", int, "samples per table row, balanced over classes"),
         ("eval-seeds", int, "sets of samples per table row (sampling seeds): mean ± std"),
         ("judge-epochs", float, "epochs of a judge trained here (--judge train; None: "
          f"{JUDGE_RECIPE['epochs'][1]:g} for one channel, {JUDGE_RECIPE['epochs'][3]:g} for RGB)"),
-        ("sweep-cfg", [float], "CFG scales of the sweep"),
-        ("sweep-lam", [float], "λ values of the sweep, one fine-tune each")],
+        ("sweep-cfg", dict(type=float, nargs="+"), "CFG scales of the sweep"),
+        ("sweep-lam", dict(type=float, nargs="+"), "λ values of the sweep, one fine-tune each")],
 }
 
 def defaults_of(key):
@@ -1874,7 +1843,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted stage from its .partial save")
     g.add_argument("--save-every", type=int, default=200,
-                   help="save a resumable checkpoint every N steps")
+                   help="save a resumable checkpoint every N steps (0: never)")
     g.add_argument("--pretrained", action="store_true",
                    help="start from the reference checkpoints in tiny_data/pretrained (default "
                    "dataset only), copied into --out without replacing checkpoints already there; "
@@ -1882,11 +1851,7 @@ def parse_args(argv=None):
     groups = {name: p.add_argument_group(name) for name in SETTING_FLAGS}
     for name, flags in SETTING_FLAGS.items():
         for flag, kind, text in flags:
-            typed = dict(type=kind)
-            if kind is bool:
-                typed = dict(action=argparse.BooleanOptionalAction)
-            elif isinstance(kind, list):  # a list of values, or a choice of names
-                typed = dict(type=kind[0], nargs="+") if callable(kind[0]) else dict(choices=kind)
+            typed = kind if isinstance(kind, dict) else dict(type=kind)
             help = f"{text} ({defaults_of(flag.replace('-', '_'))})"
             groups[name].add_argument(f"--{flag}", help=help, **typed)
     groups["CCA fine-tuning"].add_argument(

@@ -136,16 +136,17 @@ def test_bench_is_one_process(tmp_path):
 
 def test_shard_splits_a_batch_like_distributed_sampler(monkeypatch):
     """Rank r of W takes rows r, r+W, ...: disjoint, covering, equal halves (DistributedSampler's split)."""
+    SAVES = minicca.Saves("unused.partial", {}, torch.device("cpu"), 0, False)
     batch = torch.arange(8)
     monkeypatch.setattr(minicca, "WORLD", 2)
     parts = []
     for r in range(2):
         monkeypatch.setattr(minicca, "RANK", r)
-        parts.append(minicca.shard(batch))
+        parts.append(SAVES.shard(batch))
     assert parts[0].tolist() == [0, 2, 4, 6] and parts[1].tolist() == [1, 3, 5, 7]
     monkeypatch.setattr(minicca, "WORLD", 1)
     monkeypatch.setattr(minicca, "RANK", 0)
-    assert minicca.shard(batch).tolist() == batch.tolist()  # one process: the whole batch
+    assert SAVES.shard(batch).tolist() == batch.tolist()  # one process: the whole batch
 
 
 def test_ctrl_c_and_resume_under_torchrun(tmp_path, runs):

@@ -43,7 +43,7 @@ def test_the_default_preset_follows_the_device_and_the_images():
     assert minicca.chosen_preset(argparse.Namespace(preset="micro", dataset="cifar10"), CPU) == "micro"
 
 
-def test_the_channels_of_an_npz_are_read_from_its_header(tmp_path):
+def test_the_channels_of_an_npz_are_read_before_the_settings_are_checked(tmp_path):
     assert minicca.image_channels(make_npz(tmp_path / "rgb.npz", 32, 3)) == 3
     assert minicca.image_channels(make_npz(tmp_path / "gray.npz", 28, 1)) == 1  # (N, H, W)
     x = np.zeros((4, 8, 8, 1), np.uint8)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minicca  # noqa: E402
+from make_judge import bf16_is_fast  # noqa: E402  (tools/ is this script's folder)
 
 
 def timed(fn, device, repeat=3):
@@ -207,7 +208,7 @@ def bench_precision(model, data, settings, device, seed, steps=20, rounds=2):
                     seconds = (clock(device) - t0) / count
                     best[name, precision] = min(best[name, precision], seconds)
     print(f"bf16 autocast against fp32 (seconds per step or per sampled batch, the faster of "
-          f"{rounds} rounds; bf16 units here: {minicca.bf16_is_fast(device)}):")
+          f"{rounds} rounds; bf16 units here: {bf16_is_fast(device)}):")
     ratios = {}
     for name in runs:
         fp32, bf16 = best[name, "fp32"], best[name, "bf16"]

@@ -28,6 +28,14 @@ def judge_accuracy(judge, data, device):
     return single, (probs + mirrored).argmax(1).eq(y).float().mean().item()
 
 
+def bf16_is_fast(device):
+    """CUDA, and CPUs with AVX-512 BF16 / AMX (about 3x faster convolutions; elsewhere emulated)."""
+    if device.type == "cuda":
+        return True
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return device.type == "cpu" and check is not None and check()
+
+
 def machine(device):
     """Where it was measured: the CPU model and threads, or the GPU."""
     if device.type == "cuda":
@@ -62,7 +70,9 @@ def main(argv=None):
     print(f"make_judge: {len(data['x_train'])} train / {len(data['x_test'])} test images "
           f"{H}x{W}x{C}, {len(data['classes'])} classes; {epochs:g} epochs on {device}; out {out}")
     t0 = time.time()
-    trained = minicca.train_judge(data, epochs, minicca.COMMON["judge_width"], args.seed, device)
+    precision = "bf16" if bf16_is_fast(device) else "fp32"  # where bf16 is fast, the judge uses it
+    trained = minicca.train_judge(data, epochs, minicca.COMMON["judge_width"], args.seed, device,
+                                  precision=precision)
     seconds = time.time() - t0
     judge = minicca.JudgeNet(C, len(data["classes"]), minicca.COMMON["judge_width"])
     judge.load_state_dict(trained["model"])
