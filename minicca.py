@@ -1133,9 +1133,9 @@ def image_channels(dataset):
     """1 or 3 before any download (the flags are checked first); None: an unreadable .npz."""
     if dataset in (None, "tiny", "mnist", "cifar10"):
         return 3 if dataset == "cifar10" else 1
-    try:  # an .npz is local: read its x_train (load_dataset says what is wrong with it)
+    try:  # an .npz is local: read the smaller split (load_dataset says what is wrong with it)
         with np.load(dataset, allow_pickle=False) as f:
-            shape = f["x_train"].shape
+            shape = f["x_test"].shape
     except Exception:
         return None
     return shape[3] if len(shape) == 4 else 1
